@@ -1,0 +1,493 @@
+//! Configuration: one TOML file, overridable by `TALLY_*` environment variables.
+//!
+//! Defaults work against the local stack started by `make stack-up`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{Catalog, Meter};
+
+/// A configuration file that cannot be used, naming the file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("{file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Invalid { file: PathBuf, message: String },
+    #[error("environment variable {name}: {reason}")]
+    Env { name: &'static str, reason: String },
+}
+
+/// The whole configuration of a tally deployment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The HTTP ingest service.
+    #[serde(default)]
+    pub collector: CollectorConfig,
+    /// The Kafka cluster and the usage topic.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// ClickHouse, where rollups and raw events live.
+    #[serde(default)]
+    pub clickhouse: ClickHouseConfig,
+    /// Limits applied to every incoming event.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    /// Tenants and the hashes of their API keys.
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+    /// The meter catalog.
+    #[serde(default)]
+    pub meters: Vec<Meter>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// Address the collector listens on (`TALLY_COLLECTOR_LISTEN`).
+    #[serde(default = "default_collector_listen")]
+    pub listen: String,
+    /// Largest request body accepted, in bytes; larger bodies get 413 unread.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Seconds a client is told to wait (`Retry-After`) when the broker cannot take events.
+    #[serde(default = "default_retry_after_secs")]
+    pub retry_after_secs: u32,
+    /// Seconds given to in-flight requests and the producer flush on SIGTERM.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers (`TALLY_KAFKA_BROKERS`).
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Topic of accepted usage events (`TALLY_KAFKA_TOPIC`).
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Partitions the topic is created with; bounds the aggregators' parallelism.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor the topic is created with.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// Idempotent producer (`TALLY_KAFKA_IDEMPOTENCE`). On for Apache Kafka; must stay off
+    /// for the local tansu 0.6.0 broker, which wedges after an idempotent send times out.
+    #[serde(default)]
+    pub idempotence: bool,
+    /// How long a send may wait for the broker before the request fails with 503.
+    #[serde(default = "default_message_timeout_ms")]
+    pub message_timeout_ms: u64,
+    /// Producer queue bound (messages); a full queue answers 503 instead of growing.
+    #[serde(default = "default_queue_max_messages")]
+    pub queue_max_messages: u32,
+    /// Producer queue bound (KiB).
+    #[serde(default = "default_queue_max_kbytes")]
+    pub queue_max_kbytes: u32,
+    /// How long the producer waits to fill a batch.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u32,
+    /// Compression codec of produced batches (`none`, `gzip`, `lz4`, `zstd`, `snappy`).
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Interval of the broker health probe (a metadata request).
+    #[serde(default = "default_health_interval_ms")]
+    pub health_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    /// HTTP endpoint (`TALLY_CLICKHOUSE_URL`).
+    #[serde(default = "default_clickhouse_url")]
+    pub url: String,
+    /// Database holding tally's tables (`TALLY_CLICKHOUSE_DATABASE`).
+    #[serde(default = "default_clickhouse_database")]
+    pub database: String,
+    #[serde(default = "default_clickhouse_user")]
+    pub user: String,
+    #[serde(default)]
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// How far in the future an event time may be, in seconds.
+    #[serde(default = "default_max_future_secs")]
+    pub max_future_secs: u64,
+    /// How old an event may be when it arrives, in seconds (default 7 days).
+    #[serde(default = "default_allowed_lateness_secs")]
+    pub allowed_lateness_secs: u64,
+    /// Longest `id`, in characters.
+    #[serde(default = "default_max_id_chars")]
+    pub max_id_chars: usize,
+    /// Longest `customer`, in characters.
+    #[serde(default = "default_max_customer_chars")]
+    pub max_customer_chars: usize,
+    /// Longest `type`, in characters.
+    #[serde(default = "default_max_type_chars")]
+    pub max_type_chars: usize,
+    /// Longest dimension value and unique-count identifier, in characters.
+    #[serde(default = "default_max_dimension_chars")]
+    pub max_dimension_chars: usize,
+    /// Most properties in `data`, counted at every nesting level.
+    #[serde(default = "default_max_properties")]
+    pub max_properties: usize,
+    /// Deepest nesting of objects and arrays inside `data`.
+    #[serde(default = "default_max_depth")]
+    pub max_depth: usize,
+    /// Most events in one request.
+    #[serde(default = "default_max_batch_events")]
+    pub max_batch_events: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Tenant id: 1–64 characters of `a-z`, `0-9`, `_`, `-`.
+    pub id: String,
+    /// SHA-256 (hex) of each API key of this tenant; several allow rotation.
+    pub api_key_sha256: Vec<String>,
+    /// Refuse events whose type no meter reads.
+    #[serde(default)]
+    pub strict: bool,
+}
+
+fn default_collector_listen() -> String {
+    "127.0.0.1:8700".into()
+}
+fn default_max_body_bytes() -> usize {
+    1 << 20
+}
+fn default_retry_after_secs() -> u32 {
+    1
+}
+fn default_shutdown_grace_secs() -> u64 {
+    10
+}
+fn default_brokers() -> String {
+    "127.0.0.1:19092".into()
+}
+fn default_topic() -> String {
+    "usage-events".into()
+}
+fn default_partitions() -> i32 {
+    8
+}
+fn default_replication() -> i32 {
+    1
+}
+fn default_message_timeout_ms() -> u64 {
+    5_000
+}
+fn default_queue_max_messages() -> u32 {
+    100_000
+}
+fn default_queue_max_kbytes() -> u32 {
+    64 * 1024
+}
+fn default_linger_ms() -> u32 {
+    2
+}
+fn default_compression() -> String {
+    "none".into()
+}
+fn default_health_interval_ms() -> u64 {
+    1_000
+}
+fn default_clickhouse_url() -> String {
+    "http://127.0.0.1:18123".into()
+}
+fn default_clickhouse_database() -> String {
+    "tally".into()
+}
+fn default_clickhouse_user() -> String {
+    "default".into()
+}
+fn default_max_future_secs() -> u64 {
+    300
+}
+fn default_allowed_lateness_secs() -> u64 {
+    7 * 24 * 3600
+}
+fn default_max_id_chars() -> usize {
+    128
+}
+fn default_max_customer_chars() -> usize {
+    256
+}
+fn default_max_type_chars() -> usize {
+    128
+}
+fn default_max_dimension_chars() -> usize {
+    256
+}
+fn default_max_properties() -> usize {
+    64
+}
+fn default_max_depth() -> usize {
+    8
+}
+fn default_max_batch_events() -> usize {
+    10_000
+}
+
+macro_rules! default_from_serde {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                toml::from_str("").expect("every field has a default")
+            }
+        }
+    )*};
+}
+default_from_serde!(
+    CollectorConfig,
+    KafkaConfig,
+    ClickHouseConfig,
+    ValidationConfig
+);
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str("").expect("every field has a default")
+    }
+}
+
+impl Config {
+    /// Reads `path` (or the file named by `TALLY_CONFIG`, or built-in defaults), then applies
+    /// environment overrides and checks the result.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let from_env = std::env::var_os("TALLY_CONFIG").map(PathBuf::from);
+        let path = path.map(Path::to_path_buf).or(from_env);
+        let mut config = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    file: p.clone(),
+                    source,
+                })?;
+                Config::parse(&text, p)?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(|k| std::env::var(k).ok())?;
+        Ok(config)
+    }
+
+    /// Parses and checks one file's text; `file` only names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            message,
+        };
+        let config: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        config.check().map_err(invalid)?;
+        Ok(config)
+    }
+
+    /// Applies `TALLY_*` overrides read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get("TALLY_COLLECTOR_LISTEN") {
+            self.collector.listen = v;
+        }
+        if let Some(v) = get("TALLY_KAFKA_BROKERS") {
+            self.kafka.brokers = v;
+        }
+        if let Some(v) = get("TALLY_KAFKA_TOPIC") {
+            self.kafka.topic = v;
+        }
+        if let Some(v) = get("TALLY_KAFKA_IDEMPOTENCE") {
+            self.kafka.idempotence = match v.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "TALLY_KAFKA_IDEMPOTENCE",
+                        reason: format!("expected true or false, got {v:?}"),
+                    })
+                }
+            };
+        }
+        if let Some(v) = get("TALLY_CLICKHOUSE_URL") {
+            self.clickhouse.url = v;
+        }
+        if let Some(v) = get("TALLY_CLICKHOUSE_DATABASE") {
+            self.clickhouse.database = v;
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), String> {
+        Catalog::new(self.meters.clone()).map_err(|e| e.to_string())?;
+        Tenants::new(&self.tenants)?;
+        if self.kafka.partitions < 1 {
+            return Err("kafka.partitions: must be at least 1".into());
+        }
+        if self.collector.max_body_bytes == 0 {
+            return Err("collector.max_body_bytes: must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn catalog(&self) -> Catalog {
+        Catalog::new(self.meters.clone()).expect("checked at load")
+    }
+
+    pub fn tenants(&self) -> Tenants {
+        Tenants::new(&self.tenants).expect("checked at load")
+    }
+}
+
+/// API keys → tenants, holding only key hashes.
+#[derive(Debug, Clone, Default)]
+pub struct Tenants {
+    by_hash: HashMap<[u8; 32], Tenant>,
+}
+
+/// A tenant, as resolved from its API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: String,
+    pub strict: bool,
+}
+
+impl Tenants {
+    pub fn new(configs: &[TenantConfig]) -> Result<Tenants, String> {
+        let mut by_hash = HashMap::new();
+        let mut ids = HashSet::new();
+        for t in configs {
+            let id_ok = (1..=64).contains(&t.id.len())
+                && t.id.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
+            if !id_ok {
+                return Err(format!(
+                    "tenant {:?}: id: must be 1-64 characters of a-z, 0-9, _ and -",
+                    t.id
+                ));
+            }
+            if !ids.insert(&t.id) {
+                return Err(format!("tenant {:?}: id: declared twice", t.id));
+            }
+            if t.api_key_sha256.is_empty() {
+                return Err(format!(
+                    "tenant {:?}: api_key_sha256: needs at least one key hash",
+                    t.id
+                ));
+            }
+            for h in &t.api_key_sha256 {
+                let mut hash = [0u8; 32];
+                hex::decode_to_slice(h, &mut hash).map_err(|_| {
+                    format!(
+                        "tenant {:?}: api_key_sha256: {h:?} is not 64 hex digits",
+                        t.id
+                    )
+                })?;
+                let tenant = Tenant {
+                    id: t.id.clone(),
+                    strict: t.strict,
+                };
+                if by_hash.insert(hash, tenant).is_some() {
+                    return Err(format!(
+                        "tenant {:?}: api_key_sha256: key hash used twice",
+                        t.id
+                    ));
+                }
+            }
+        }
+        Ok(Tenants { by_hash })
+    }
+
+    /// The tenant owning this API key, if any.
+    pub fn authenticate(&self, api_key: &str) -> Option<&Tenant> {
+        let hash: [u8; 32] = Sha256::digest(api_key.as_bytes()).into();
+        self.by_hash.get(&hash)
+    }
+}
+
+/// Hex SHA-256 of an API key, as stored in `api_key_sha256`.
+pub fn hash_api_key(api_key: &str) -> String {
+    hex::encode(Sha256::digest(api_key.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_config_in_the_repository_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("config dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).expect("read");
+                Config::parse(&text, &path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "expected the dev and example configs");
+    }
+
+    #[test]
+    fn dev_config_knows_the_demo_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/tally.dev.toml");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let config = Config::parse(&text, &path).expect("parse");
+        let tenant = config.tenants().authenticate("demo-key").cloned();
+        assert_eq!(tenant.map(|t| t.id), Some("demo".to_owned()));
+        assert!(config.tenants().authenticate("demo-key ").is_none());
+        let keys: Vec<_> = config.meters.iter().map(|m| m.key.as_str()).collect();
+        assert_eq!(keys, ["requests", "tokens", "storage_gb", "active_users"]);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_field() {
+        let e = Config::parse("[collector]\nlisten = 3\n", Path::new("x.toml")).expect_err("bad");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("x.toml: ") && msg.contains("listen"),
+            "{msg}"
+        );
+
+        let e = Config::parse("[kafka]\nbrokrs = \"a\"\n", Path::new("x.toml")).expect_err("bad");
+        assert!(e.to_string().contains("brokrs"), "{e}");
+
+        let bad_meter = "[[meters]]\nkey = \"m\"\nevent_type = \"t\"\naggregation = \"SUM\"\n";
+        let e = Config::parse(bad_meter, Path::new("x.toml")).expect_err("bad");
+        assert_eq!(
+            e.to_string(),
+            "x.toml: meter \"m\": value: required for this aggregation"
+        );
+
+        let bad_hash = "[[tenants]]\nid = \"a\"\napi_key_sha256 = [\"zz\"]\n";
+        let e = Config::parse(bad_hash, Path::new("x.toml")).expect_err("bad");
+        assert!(e.to_string().contains("not 64 hex digits"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let mut c = Config::default();
+        let env = |k: &str| match k {
+            "TALLY_KAFKA_BROKERS" => Some("h:1".to_owned()),
+            "TALLY_KAFKA_IDEMPOTENCE" => Some("true".to_owned()),
+            _ => None,
+        };
+        c.apply_env(env).expect("valid env");
+        assert_eq!(c.kafka.brokers, "h:1");
+        assert!(c.kafka.idempotence);
+        let bad = |k: &str| (k == "TALLY_KAFKA_IDEMPOTENCE").then(|| "yes".to_owned());
+        assert!(c.apply_env(bad).is_err());
+    }
+}

@@ -1,0 +1,417 @@
+//! Event validation against the meter catalog and the configured limits. Pure: the caller
+//! passes the clock reading, so window edges are testable without waiting.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::body::Candidate;
+use crate::catalog::{lookup, Catalog};
+use crate::config::{Tenant, ValidationConfig};
+use crate::event::{UsageRecord, RECORD_VERSION};
+use crate::quantity::Quantity;
+
+/// Which field names the body uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// tally's own: `customer` (or CloudEvents' `subject`), `source` and `specversion` optional.
+    Native,
+    /// CloudEvents 1.0 as OpenMeter takes it: `specversion`, `source`, `subject` required.
+    CloudEvents,
+}
+
+/// Why one event was refused: the field at fault and the reason, shown as `field: reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Rejection {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Rejection {
+        Rejection {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A short, bounded label for metrics.
+    pub fn metric_reason(&self) -> &'static str {
+        match self.field.split('.').next().unwrap_or_default() {
+            "id" => "id",
+            "customer" | "subject" => "customer",
+            "type" => "type",
+            "time" => "time",
+            "data" => "data",
+            "event" => "malformed",
+            "specversion" | "source" | "datacontenttype" | "dataschema" => "cloudevents",
+            _ => "field",
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// An event refused inside a request, by its position in the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub index: usize,
+    /// The event's `id` when it had a readable one.
+    pub id: Option<String>,
+    pub error: String,
+    pub reason: &'static str,
+}
+
+/// Checks events for one tenant against the catalog and limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Validator<'a> {
+    pub catalog: &'a Catalog,
+    pub limits: &'a ValidationConfig,
+    pub dialect: Dialect,
+}
+
+const NATIVE_FIELDS: &[&str] = &[
+    "id",
+    "customer",
+    "subject",
+    "type",
+    "time",
+    "data",
+    "source",
+    "specversion",
+    "datacontenttype",
+    "dataschema",
+];
+
+impl Validator<'_> {
+    /// Validates a whole request's candidates: the accepted records in request order, and
+    /// every refusal by index. A repeated `id` within the request is refused after its
+    /// first occurrence.
+    pub fn validate_batch(
+        &self,
+        candidates: Vec<Candidate>,
+        tenant: &Tenant,
+        now: OffsetDateTime,
+    ) -> (Vec<UsageRecord>, Vec<Refused>) {
+        let mut accepted = Vec::with_capacity(candidates.len());
+        let mut refused = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (index, candidate) in candidates.into_iter().enumerate() {
+            let result = match candidate {
+                Err(error) => Err((None, error, "malformed")),
+                Ok(obj) => {
+                    let id = obj.get("id").and_then(Value::as_str).map(str::to_owned);
+                    match self.validate(obj, tenant, now) {
+                        Ok(record) => match seen.get(&record.id) {
+                            Some(first) => Err((
+                                id,
+                                format!(
+                                    "id: duplicate of the event at index {first} in this request"
+                                ),
+                                "duplicate_id",
+                            )),
+                            None => {
+                                seen.insert(record.id.clone(), index);
+                                Ok(record)
+                            }
+                        },
+                        Err(r) => Err((id, r.to_string(), r.metric_reason())),
+                    }
+                }
+            };
+            match result {
+                Ok(record) => accepted.push(record),
+                Err((id, error, reason)) => refused.push(Refused {
+                    index,
+                    id,
+                    error,
+                    reason,
+                }),
+            }
+        }
+        (accepted, refused)
+    }
+
+    /// Validates one event object and builds its record.
+    pub fn validate(
+        &self,
+        mut obj: Map<String, Value>,
+        tenant: &Tenant,
+        now: OffsetDateTime,
+    ) -> Result<UsageRecord, Rejection> {
+        let l = self.limits;
+        for key in obj.keys() {
+            if !NATIVE_FIELDS.contains(&key.as_str()) {
+                let expected = match self.dialect {
+                    Dialect::Native => "events carry id, customer, type, time and data",
+                    Dialect::CloudEvents => {
+                        "CloudEvents carry specversion, id, source, type, subject, time and data"
+                    }
+                };
+                return Err(Rejection::new(
+                    key.clone(),
+                    format!("unknown field; {expected}"),
+                ));
+            }
+        }
+        let specversion = take_string(&mut obj, "specversion", 16)?;
+        let source = take_string(&mut obj, "source", 1024)?;
+        match (self.dialect, specversion.as_deref()) {
+            (_, Some("1.0")) | (Dialect::Native, None) => {}
+            (_, Some(other)) => {
+                return Err(Rejection::new(
+                    "specversion",
+                    format!("must be \"1.0\", got {other:?}"),
+                ))
+            }
+            (Dialect::CloudEvents, None) => return Err(Rejection::new("specversion", "required")),
+        }
+        if self.dialect == Dialect::CloudEvents && source.is_none() {
+            return Err(Rejection::new("source", "required"));
+        }
+        if let Some(ct) = take_string(&mut obj, "datacontenttype", 256)? {
+            if !ct.starts_with("application/json") {
+                return Err(Rejection::new(
+                    "datacontenttype",
+                    "only application/json data is accepted",
+                ));
+            }
+        }
+        take_string(&mut obj, "dataschema", 1024)?;
+
+        let id = take_string(&mut obj, "id", l.max_id_chars)?
+            .ok_or_else(|| Rejection::new("id", "required"))?;
+        let customer = match (self.dialect, obj.contains_key("customer")) {
+            (Dialect::CloudEvents, true) => {
+                return Err(Rejection::new(
+                    "customer",
+                    "unknown field; CloudEvents name the customer in subject",
+                ))
+            }
+            (Dialect::Native, true) if obj.contains_key("subject") => {
+                return Err(Rejection::new(
+                    "customer",
+                    "give customer or subject, not both",
+                ))
+            }
+            (_, true) => take_string(&mut obj, "customer", l.max_customer_chars)?
+                .ok_or_else(|| Rejection::new("customer", "required"))?,
+            (_, false) => {
+                take_string(&mut obj, "subject", l.max_customer_chars)?.ok_or_else(|| {
+                    let field = if self.dialect == Dialect::CloudEvents {
+                        "subject"
+                    } else {
+                        "customer"
+                    };
+                    Rejection::new(field, "required")
+                })?
+            }
+        };
+        let event_type = take_string(&mut obj, "type", l.max_type_chars)?
+            .ok_or_else(|| Rejection::new("type", "required"))?;
+        let time = match obj.remove("time") {
+            None | Some(Value::Null) => now,
+            Some(Value::String(s)) => parse_time(&s)?,
+            Some(_) => return Err(Rejection::new("time", "must be an RFC 3339 string")),
+        };
+        check_time(time, now, l)?;
+        let data = match obj.remove("data") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(d)) => d,
+            Some(_) => return Err(Rejection::new("data", "must be a JSON object")),
+        };
+        check_shape(&data, l)?;
+
+        if tenant.strict && !self.catalog.knows_type(&event_type) {
+            return Err(Rejection::new(
+                "type",
+                format!("no meter reads events of type {event_type:?}"),
+            ));
+        }
+        for meter in self.catalog.meters_for_type(&event_type) {
+            if let Some(path) = &meter.value {
+                let field = format!("data.{path}");
+                let value = lookup(&data, path)
+                    .filter(|v| !v.is_null())
+                    .ok_or_else(|| {
+                        Rejection::new(&field, format!("required by meter {}", meter.key))
+                    })?;
+                if meter.aggregation.needs_number() {
+                    number(value).map_err(|reason| Rejection::new(&field, reason))?;
+                } else {
+                    identifier(value, l.max_dimension_chars)
+                        .map_err(|r| Rejection::new(&field, r))?;
+                }
+            }
+            for dim in &meter.group_by {
+                match lookup(&data, dim) {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(s)) if s.chars().count() <= l.max_dimension_chars => {}
+                    Some(Value::String(_)) => {
+                        let reason =
+                            format!("dimension longer than {} characters", l.max_dimension_chars);
+                        return Err(Rejection::new(format!("data.{dim}"), reason));
+                    }
+                    Some(_) => {
+                        return Err(Rejection::new(
+                            format!("data.{dim}"),
+                            "dimension must be a string",
+                        ))
+                    }
+                }
+            }
+        }
+
+        Ok(UsageRecord {
+            v: RECORD_VERSION,
+            tenant: tenant.id.clone(),
+            id,
+            customer,
+            event_type,
+            time,
+            received_at: now,
+            source,
+            data,
+        })
+    }
+}
+
+/// Removes a string field, checking it is 1..=max characters without control characters.
+fn take_string(
+    obj: &mut Map<String, Value>,
+    field: &str,
+    max: usize,
+) -> Result<Option<String>, Rejection> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            let n = s.chars().count();
+            if n == 0 {
+                Err(Rejection::new(field, "must not be empty"))
+            } else if n > max {
+                Err(Rejection::new(
+                    field,
+                    format!("longer than {max} characters"),
+                ))
+            } else if s.chars().any(char::is_control) {
+                Err(Rejection::new(field, "must not contain control characters"))
+            } else {
+                Ok(Some(s))
+            }
+        }
+        Some(_) => Err(Rejection::new(field, "must be a string")),
+    }
+}
+
+fn parse_time(s: &str) -> Result<OffsetDateTime, Rejection> {
+    OffsetDateTime::parse(s, &Rfc3339)
+        .map(|t| t.to_offset(time::UtcOffset::UTC))
+        .map_err(|_| {
+            Rejection::new(
+                "time",
+                format!("{s:?} is not an RFC 3339 timestamp such as 2026-11-24T10:00:00Z"),
+            )
+        })
+}
+
+fn check_time(
+    t: OffsetDateTime,
+    now: OffsetDateTime,
+    l: &ValidationConfig,
+) -> Result<(), Rejection> {
+    let future = now + Duration::from_secs(l.max_future_secs);
+    let oldest = now - Duration::from_secs(l.allowed_lateness_secs);
+    if t > future {
+        let reason = format!(
+            "more than {}s in the future (latest allowed {})",
+            l.max_future_secs,
+            rfc3339(future)
+        );
+        return Err(Rejection::new("time", reason));
+    }
+    if t < oldest {
+        let reason = format!(
+            "older than the allowed lateness of {}s (oldest allowed {})",
+            l.allowed_lateness_secs,
+            rfc3339(oldest)
+        );
+        return Err(Rejection::new("time", reason));
+    }
+    Ok(())
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+/// Counts properties at every level and checks nesting depth.
+fn check_shape(data: &Map<String, Value>, l: &ValidationConfig) -> Result<(), Rejection> {
+    fn walk(
+        v: &Value,
+        depth: usize,
+        count: &mut usize,
+        l: &ValidationConfig,
+    ) -> Result<(), Rejection> {
+        if depth > l.max_depth {
+            return Err(Rejection::new(
+                "data",
+                format!("nested deeper than {} levels", l.max_depth),
+            ));
+        }
+        match v {
+            Value::Object(o) => {
+                *count += o.len();
+                if *count > l.max_properties {
+                    return Err(Rejection::new(
+                        "data",
+                        format!("more than {} properties", l.max_properties),
+                    ));
+                }
+                o.values().try_for_each(|v| walk(v, depth + 1, count, l))
+            }
+            Value::Array(a) => a.iter().try_for_each(|v| walk(v, depth + 1, count, l)),
+            _ => Ok(()),
+        }
+    }
+    let mut count = data.len();
+    if count > l.max_properties {
+        return Err(Rejection::new(
+            "data",
+            format!("more than {} properties", l.max_properties),
+        ));
+    }
+    data.values().try_for_each(|v| walk(v, 1, &mut count, l))
+}
+
+/// A meter value: a JSON number, or a string holding one, exact in `Decimal(38, 9)`.
+pub fn number(v: &Value) -> Result<Quantity, String> {
+    let text = match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        _ => return Err("must be a number".to_owned()),
+    };
+    text.parse::<Quantity>()
+        .map_err(|e| format!("{text:?} is not a valid quantity: {e}"))
+}
+
+/// A unique-count value: a non-empty string or an integer.
+fn identifier(v: &Value, max: usize) -> Result<(), String> {
+    match v {
+        Value::String(s) if s.is_empty() => Err("must not be empty".to_owned()),
+        Value::String(s) if s.chars().count() > max => Err(format!("longer than {max} characters")),
+        Value::String(_) => Ok(()),
+        Value::Number(n) if n.is_i64() || n.is_u64() => Ok(()),
+        _ => Err("must be a string or an integer".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,380 @@
+use super::*;
+use crate::body::{split, BodyFormat};
+use crate::config::Config;
+use proptest::prelude::*;
+use serde_json::json;
+use time::macros::datetime;
+
+const NOW: OffsetDateTime = datetime!(2026-11-24 12:00:00 UTC);
+
+fn config() -> Config {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/tally.dev.toml");
+    let text = std::fs::read_to_string(&path).expect("dev config");
+    Config::parse(&text, &path).expect("dev config parses")
+}
+
+fn tenant(strict: bool) -> Tenant {
+    Tenant {
+        id: "demo".into(),
+        strict,
+    }
+}
+
+fn check(event: Value) -> Result<UsageRecord, Rejection> {
+    check_with(event, Dialect::Native, true)
+}
+
+fn check_with(event: Value, dialect: Dialect, strict: bool) -> Result<UsageRecord, Rejection> {
+    let c = config();
+    let catalog = c.catalog();
+    let v = Validator {
+        catalog: &catalog,
+        limits: &c.validation,
+        dialect,
+    };
+    let obj = match event {
+        Value::Object(o) => o,
+        _ => panic!("test events are objects"),
+    };
+    v.validate(obj, &tenant(strict), NOW)
+}
+
+fn rejected(event: Value) -> String {
+    check(event).expect_err("should be refused").to_string()
+}
+
+fn completion(tokens: Value) -> Value {
+    json!({"id": "e1", "customer": "c1", "type": "completion", "time": "2026-11-24T11:00:00Z",
+           "data": {"tokens": tokens, "model": "m1"}})
+}
+
+#[test]
+fn accepts_each_demo_meter() {
+    let r = check(completion(json!(12.5))).expect("completion");
+    assert_eq!(
+        (
+            r.tenant.as_str(),
+            r.customer.as_str(),
+            r.event_type.as_str()
+        ),
+        ("demo", "c1", "completion")
+    );
+    assert_eq!(r.time, datetime!(2026-11-24 11:00:00 UTC));
+    assert_eq!(r.received_at, NOW);
+    check(json!({"id": "r", "customer": "c", "type": "request", "data": {"endpoint": "/x"}}))
+        .expect("request");
+    check(json!({"id": "s", "customer": "c", "type": "storage", "data": {"gb": "3.25"}}))
+        .expect("storage");
+    check(json!({"id": "l", "customer": "c", "type": "login", "data": {"user": "u1"}}))
+        .expect("login");
+    check(json!({"id": "l", "customer": "c", "type": "login", "data": {"user": 42}}))
+        .expect("numeric user");
+}
+
+#[test]
+fn time_defaults_to_receipt_and_normalizes_to_utc() {
+    let r = check(json!({"id": "r", "customer": "c", "type": "request"})).expect("no time");
+    assert_eq!(r.time, NOW);
+    let r = check(
+        json!({"id": "r", "customer": "c", "type": "request", "time": "2026-11-24T13:30:00+02:00"}),
+    )
+    .expect("offset");
+    assert_eq!(r.time, datetime!(2026-11-24 11:30:00 UTC));
+    assert_eq!(r.time.offset(), time::UtcOffset::UTC);
+}
+
+#[test]
+fn time_window_edges() {
+    let at = |t: &str| check(json!({"id": "r", "customer": "c", "type": "request", "time": t}));
+    assert!(
+        at("2026-11-24T12:05:00Z").is_ok(),
+        "exactly 5 minutes ahead"
+    );
+    let e = at("2026-11-24T12:05:00.000000001Z")
+        .expect_err("past the limit")
+        .to_string();
+    assert!(e.starts_with("time: more than 300s in the future"), "{e}");
+    assert!(at("2026-11-17T12:00:00Z").is_ok(), "exactly 7 days old");
+    let e = at("2026-11-17T11:59:59Z").expect_err("too old").to_string();
+    assert!(
+        e.starts_with("time: older than the allowed lateness of 604800s"),
+        "{e}"
+    );
+    assert!(at("yesterday")
+        .expect_err("bad")
+        .to_string()
+        .starts_with("time: \"yesterday\" is not an RFC 3339"));
+    assert!(at("2026-11-24T12:00:00").is_err(), "no offset");
+    assert_eq!(
+        check(json!({"id": "r", "customer": "c", "type": "request", "time": 1}))
+            .expect_err("num")
+            .to_string(),
+        "time: must be an RFC 3339 string"
+    );
+}
+
+#[test]
+fn required_fields_are_named() {
+    assert_eq!(
+        rejected(json!({"customer": "c", "type": "request"})),
+        "id: required"
+    );
+    assert_eq!(
+        rejected(json!({"id": "", "customer": "c", "type": "request"})),
+        "id: must not be empty"
+    );
+    assert_eq!(
+        rejected(json!({"id": 7, "customer": "c", "type": "request"})),
+        "id: must be a string"
+    );
+    let long = "x".repeat(129);
+    assert_eq!(
+        rejected(json!({"id": long, "customer": "c", "type": "request"})),
+        "id: longer than 128 characters"
+    );
+    assert!(
+        check(json!({"id": "é".repeat(128), "customer": "c", "type": "request"})).is_ok(),
+        "chars, not bytes"
+    );
+    assert_eq!(
+        rejected(json!({"id": "a\nb", "customer": "c", "type": "request"})),
+        "id: must not contain control characters"
+    );
+    assert_eq!(
+        rejected(json!({"id": "i", "type": "request"})),
+        "customer: required"
+    );
+    assert_eq!(
+        rejected(json!({"id": "i", "customer": "c"})),
+        "type: required"
+    );
+    assert_eq!(
+        rejected(json!({"id": "i", "customer": "c", "type": "request", "data": [1]})),
+        "data: must be a JSON object"
+    );
+    assert_eq!(
+        rejected(json!({"id": "i", "costumer": "c", "type": "request"})),
+        "costumer: unknown field; events carry id, customer, type, time and data"
+    );
+}
+
+#[test]
+fn subject_is_the_customer_in_both_dialects() {
+    let r = check(json!({"id": "i", "subject": "c9", "type": "request"})).expect("subject");
+    assert_eq!(r.customer, "c9");
+    assert_eq!(
+        rejected(json!({"id": "i", "subject": "a", "customer": "b", "type": "request"})),
+        "customer: give customer or subject, not both"
+    );
+}
+
+#[test]
+fn strict_tenants_refuse_unknown_types() {
+    let e = json!({"id": "i", "customer": "c", "type": "mystery"});
+    assert_eq!(
+        check_with(e.clone(), Dialect::Native, true)
+            .expect_err("strict")
+            .to_string(),
+        "type: no meter reads events of type \"mystery\""
+    );
+    assert!(check_with(e, Dialect::Native, false).is_ok());
+}
+
+#[test]
+fn meter_values_must_be_exact_numbers() {
+    assert_eq!(
+        rejected(json!({"id": "e", "customer": "c", "type": "completion", "data": {"model": "m"}})),
+        "data.tokens: required by meter tokens"
+    );
+    assert_eq!(
+        rejected(completion(json!(null))),
+        "data.tokens: required by meter tokens"
+    );
+    assert_eq!(
+        rejected(completion(json!("many"))),
+        "data.tokens: \"many\" is not a valid quantity: not a decimal number"
+    );
+    assert_eq!(
+        rejected(completion(json!(true))),
+        "data.tokens: must be a number"
+    );
+    assert_eq!(
+        rejected(completion(json!({"n": 1}))),
+        "data.tokens: must be a number"
+    );
+    let huge: Value = serde_json::from_str("1e400").expect("arbitrary precision keeps it");
+    let e = rejected(completion(huge));
+    assert!(
+        e.ends_with("is not a valid quantity: out of range (at most 29 integer digits)"),
+        "{e}"
+    );
+    let fine: Value = serde_json::from_str("0.0000000001").expect("number");
+    assert!(rejected(completion(fine)).contains("more than 9 decimal places"));
+    assert!(
+        check(completion(json!("42"))).is_ok(),
+        "numeric strings are numbers"
+    );
+    let exact: Value = serde_json::from_str("12345678901234567890.123456789").expect("number");
+    let r = check(completion(exact)).expect("exact");
+    assert_eq!(
+        r.data["tokens"].to_string(),
+        "12345678901234567890.123456789"
+    );
+}
+
+#[test]
+fn dimensions_and_identifiers_are_bounded_strings() {
+    let req = |endpoint: Value| json!({"id": "r", "customer": "c", "type": "request", "data": {"endpoint": endpoint}});
+    assert_eq!(
+        rejected(req(json!(5))),
+        "data.endpoint: dimension must be a string"
+    );
+    assert_eq!(
+        rejected(req(json!("x".repeat(257)))),
+        "data.endpoint: dimension longer than 256 characters"
+    );
+    assert!(
+        check(req(json!(null))).is_ok(),
+        "a missing dimension groups as empty"
+    );
+    let login =
+        |user: Value| json!({"id": "l", "customer": "c", "type": "login", "data": {"user": user}});
+    assert_eq!(rejected(login(json!(""))), "data.user: must not be empty");
+    assert_eq!(
+        rejected(login(json!(1.5))),
+        "data.user: must be a string or an integer"
+    );
+}
+
+#[test]
+fn data_size_and_depth_are_bounded() {
+    let mut wide = Map::new();
+    for i in 0..65 {
+        wide.insert(format!("k{i}"), json!(i));
+    }
+    let e = json!({"id": "r", "customer": "c", "type": "request", "data": wide});
+    assert_eq!(rejected(e), "data: more than 64 properties");
+    let mut nested = json!(1);
+    for _ in 0..9 {
+        nested = json!({"a": nested});
+    }
+    let e = json!({"id": "r", "customer": "c", "type": "request", "data": nested});
+    assert_eq!(rejected(e), "data: nested deeper than 8 levels");
+    let mut spread = Map::new();
+    for i in 0..8 {
+        let inner: Map<String, Value> = (0..8).map(|j| (format!("k{j}"), json!(j))).collect();
+        spread.insert(format!("o{i}"), Value::Object(inner));
+    }
+    let e = json!({"id": "r", "customer": "c", "type": "request", "data": spread});
+    assert_eq!(
+        rejected(e),
+        "data: more than 64 properties",
+        "counted at every level"
+    );
+}
+
+#[test]
+fn cloudevents_dialect_requires_its_attributes() {
+    let ce = json!({"specversion": "1.0", "id": "i", "source": "svc", "type": "request", "subject": "c",
+                    "time": "2026-11-24T11:00:00Z", "datacontenttype": "application/json", "data": {"endpoint": "/a"}});
+    let r = check_with(ce.clone(), Dialect::CloudEvents, true).expect("valid CloudEvent");
+    assert_eq!(
+        (r.customer.as_str(), r.source.as_deref()),
+        ("c", Some("svc"))
+    );
+    let without = |field: &str| {
+        let mut e = ce.clone();
+        e.as_object_mut().expect("object").remove(field);
+        check_with(e, Dialect::CloudEvents, true)
+            .expect_err("missing")
+            .to_string()
+    };
+    assert_eq!(without("specversion"), "specversion: required");
+    assert_eq!(without("source"), "source: required");
+    assert_eq!(without("subject"), "subject: required");
+    let mut v2 = ce.clone();
+    v2["specversion"] = json!("0.3");
+    assert_eq!(
+        check_with(v2, Dialect::CloudEvents, true)
+            .expect_err("version")
+            .to_string(),
+        "specversion: must be \"1.0\", got \"0.3\""
+    );
+    let mut xml = ce.clone();
+    xml["datacontenttype"] = json!("application/xml");
+    assert!(check_with(xml, Dialect::CloudEvents, true).is_err());
+    let mut with_customer = ce;
+    with_customer["customer"] = json!("c");
+    assert!(check_with(with_customer, Dialect::CloudEvents, true).is_err());
+}
+
+#[test]
+fn batch_reports_each_refusal_by_index_and_refuses_repeated_ids() {
+    let c = config();
+    let catalog = c.catalog();
+    let v = Validator {
+        catalog: &catalog,
+        limits: &c.validation,
+        dialect: Dialect::Native,
+    };
+    let body = br#"[
+        {"id": "a", "customer": "c", "type": "request"},
+        {"id": "b", "customer": "c", "type": "completion", "data": {"tokens": "x"}},
+        {"id": "a", "customer": "c", "type": "request"},
+        5,
+        {"id": "d", "customer": "c", "type": "storage", "data": {"gb": 1}}
+    ]"#;
+    let candidates = split(body, BodyFormat::Json, 100).expect("body");
+    let (ok, refused) = v.validate_batch(candidates, &tenant(true), NOW);
+    let ids: Vec<_> = ok.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["a", "d"]);
+    let got: Vec<_> = refused
+        .iter()
+        .map(|r| (r.index, r.id.as_deref(), r.reason))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (1, Some("b"), "data"),
+            (2, Some("a"), "duplicate_id"),
+            (3, None, "malformed")
+        ]
+    );
+    assert_eq!(
+        refused[1].error,
+        "id: duplicate of the event at index 0 in this request"
+    );
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_json_objects_never_panic(s in "\\PC{0,200}") {
+        let c = config();
+        let catalog = c.catalog();
+        let v = Validator { catalog: &catalog, limits: &c.validation, dialect: Dialect::Native };
+        if let Ok(candidates) = split(s.as_bytes(), BodyFormat::Json, 100) {
+            let _ = v.validate_batch(candidates, &tenant(true), NOW);
+        }
+        if let Ok(candidates) = split(s.as_bytes(), BodyFormat::Ndjson, 100) {
+            let _ = v.validate_batch(candidates, &tenant(false), NOW);
+        }
+    }
+
+    #[test]
+    fn accepted_values_round_trip_through_the_record(int in 0u64..u64::MAX, frac in 0u32..1_000_000_000) {
+        let text = format!("{int}.{frac:09}");
+        let value: Value = serde_json::from_str(&text).expect("number");
+        let r = check(completion(value)).expect("in range");
+        let back: UsageRecord = serde_json::from_slice(&r.to_json()).expect("record");
+        let parsed = number(&back.data["tokens"]).expect("number");
+        prop_assert_eq!(parsed, text.parse::<Quantity>().expect("quantity"));
+    }
+
+    #[test]
+    fn event_time_inside_the_window_is_kept_exactly(offset in -604_800i64..=300) {
+        let t = NOW + time::Duration::seconds(offset);
+        let text = t.format(&Rfc3339).expect("format");
+        let r = check(json!({"id": "r", "customer": "c", "type": "request", "time": text})).expect("inside");
+        prop_assert_eq!(r.time, t);
+    }
+}

@@ -1,0 +1,280 @@
+//! The Kafka edge: the producer behind "accepted", the usage topic, and the broker probe.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tally_core::config::KafkaConfig;
+use tally_core::UsageRecord;
+
+use crate::error::SinkError;
+use crate::metrics::{BROKER_UP, DELIVERY_DURATION, QUEUE_DEPTH};
+
+/// Where accepted events go.
+///
+/// `publish` resolves only when the broker has acknowledged every record it reports as
+/// delivered (with `acks=all`): an event counts as accepted only then. Records it reports
+/// as failed may or may not have reached the broker (an acknowledgement can be lost); the
+/// client retries them with the same ids and downstream dedupe keeps the totals exact.
+pub trait EventSink: Send + Sync + 'static {
+    /// Enqueues all of `records` at once, then awaits every delivery report.
+    fn publish(&self, records: &[UsageRecord]) -> impl Future<Output = Published> + Send;
+
+    /// Whether the sink can take events now (the broker answered its last probe).
+    fn is_ready(&self) -> bool;
+}
+
+/// The outcome of one `publish`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub delivered: usize,
+    /// Failed records by their index in the published slice.
+    pub failures: Vec<(usize, SinkError)>,
+}
+
+/// Logs librdkafka's errors through `tracing` and notices when every broker is down, so
+/// requests fail fast instead of each waiting out `message.timeout.ms`.
+#[derive(Debug, Clone)]
+pub struct SinkContext {
+    up: Arc<AtomicBool>,
+}
+
+impl ClientContext for SinkContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(fac, "librdkafka: {log_message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(fac, "librdkafka: {log_message}"),
+            _ => tracing::debug!(fac, "librdkafka: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.up.store(false, Ordering::Release);
+            metrics::gauge!(BROKER_UP).set(0.0);
+        }
+        tracing::warn!(%error, reason, "kafka client error");
+    }
+}
+
+/// The production sink: an rdkafka producer with `acks=all`.
+pub struct KafkaSink {
+    producer: FutureProducer<SinkContext>,
+    topic: String,
+    up: Arc<AtomicBool>,
+    closing: AtomicBool,
+}
+
+impl KafkaSink {
+    pub fn new(config: &KafkaConfig) -> Result<KafkaSink, KafkaError> {
+        let up = Arc::new(AtomicBool::new(false));
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("acks", "all")
+            // Idempotence is a per-deployment choice: on for Apache Kafka; off for the
+            // local tansu 0.6.0, where an idempotent producer whose send timed out gets
+            // OutOfOrderSequenceNumber and the broker then answers every client "Unknown
+            // broker error" until restarted (shared/BROKER.md). Totals do not depend on
+            // it: the aggregator removes duplicates by event id.
+            .set("enable.idempotence", config.idempotence.to_string())
+            .set("message.timeout.ms", config.message_timeout_ms.to_string())
+            .set(
+                "queue.buffering.max.messages",
+                config.queue_max_messages.to_string(),
+            )
+            .set(
+                "queue.buffering.max.kbytes",
+                config.queue_max_kbytes.to_string(),
+            )
+            .set("linger.ms", config.linger_ms.to_string())
+            .set("compression.type", &config.compression)
+            // The Java client's partitioner, so other producers keying by tenant/customer
+            // agree on the partition.
+            .set("partitioner", "murmur2_random")
+            .set("reconnect.backoff.max.ms", "1000");
+        let producer = client.create_with_context(SinkContext { up: up.clone() })?;
+        Ok(KafkaSink {
+            producer,
+            topic: config.topic.clone(),
+            up,
+            closing: AtomicBool::new(false),
+        })
+    }
+
+    /// Probes the broker with a metadata request and checks that the topic exists.
+    /// Blocking: call it from a blocking thread.
+    pub fn probe(&self, timeout: Duration) -> Result<(), String> {
+        // All topics, not this one by name: a metadata request naming a missing topic may
+        // make the broker auto-create it with the wrong partition count.
+        let md = self
+            .producer
+            .client()
+            .fetch_metadata(None, timeout)
+            .map_err(|e| e.to_string())?;
+        match md.topics().iter().find(|t| t.name() == self.topic) {
+            Some(t) if !t.partitions().is_empty() => Ok(()),
+            _ => Err(format!("topic {} does not exist", self.topic)),
+        }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+        metrics::gauge!(BROKER_UP).set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Keeps the ready flag current: probes the broker every `interval`, creating the topic
+    /// when it is missing. Runs until the sink is dropped.
+    pub fn spawn_health(self: &Arc<Self>, config: KafkaConfig) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let interval = Duration::from_millis(config.health_interval_ms);
+        tokio::spawn(async move {
+            let mut logged_down = false;
+            loop {
+                let Some(sink) = weak.upgrade() else { return };
+                let probe = {
+                    let sink = sink.clone();
+                    tokio::task::spawn_blocking(move || sink.probe(Duration::from_secs(2)))
+                };
+                let result = match probe.await {
+                    Ok(Err(e)) if e.contains("does not exist") => {
+                        ensure_topic(&config).await.map_err(|e| e.to_string())
+                    }
+                    Ok(r) => r,
+                    Err(e) => Err(e.to_string()),
+                };
+                metrics::gauge!(QUEUE_DEPTH).set(f64::from(sink.producer.in_flight_count()));
+                match result {
+                    Ok(()) => {
+                        if logged_down {
+                            tracing::info!(topic = %sink.topic, "broker reachable again");
+                        }
+                        logged_down = false;
+                        sink.set_up(true);
+                    }
+                    Err(e) => {
+                        if !logged_down {
+                            tracing::warn!(error = %e, "broker probe failed; answering 503");
+                        }
+                        logged_down = true;
+                        sink.set_up(false);
+                    }
+                }
+                drop(sink);
+                tokio::time::sleep(interval).await;
+            }
+        })
+    }
+
+    /// Refuses new events and waits for the queued ones to be acknowledged.
+    pub async fn close(self: &Arc<Self>, timeout: Duration) {
+        self.closing.store(true, Ordering::Release);
+        let sink = self.clone();
+        let flushed = tokio::task::spawn_blocking(move || sink.producer.flush(timeout)).await;
+        match flushed {
+            Ok(Ok(())) => tracing::info!("producer flushed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "producer flush incomplete"),
+            Err(e) => tracing::error!(error = %e, "producer flush task failed"),
+        }
+    }
+}
+
+impl EventSink for Arc<KafkaSink> {
+    async fn publish(&self, records: &[UsageRecord]) -> Published {
+        let fail_all = |e: SinkError| Published {
+            delivered: 0,
+            failures: (0..records.len()).map(|i| (i, e.clone())).collect(),
+        };
+        if self.closing.load(Ordering::Acquire) {
+            return fail_all(SinkError::ShuttingDown);
+        }
+        if !self.up.load(Ordering::Acquire) {
+            return fail_all(SinkError::BrokerDown);
+        }
+        let started = Instant::now();
+        let mut pending = Vec::with_capacity(records.len());
+        let mut failures = Vec::new();
+        for (i, record) in records.iter().enumerate() {
+            if !failures.is_empty() {
+                // The queue refused one: refuse the rest of the request rather than
+                // interleave with other requests' records.
+                failures.push((i, SinkError::QueueFull));
+                continue;
+            }
+            let key = record.key();
+            let payload = record.to_json();
+            let message = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+            match self.producer.send_result(message) {
+                Ok(delivery) => pending.push((i, delivery)),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    failures.push((i, SinkError::QueueFull))
+                }
+                Err((e, _)) => failures.push((i, SinkError::Delivery(e.to_string()))),
+            }
+        }
+        metrics::gauge!(QUEUE_DEPTH).set(f64::from(self.producer.in_flight_count()));
+        let (indices, deliveries): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
+        let mut delivered = 0;
+        for (i, report) in indices.into_iter().zip(join_all(deliveries).await) {
+            match report {
+                Ok(Ok(_)) => delivered += 1,
+                Ok(Err((e, _))) => {
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
+                        self.set_up(false);
+                        failures.push((i, SinkError::BrokerDown));
+                    } else {
+                        failures.push((i, SinkError::Delivery(e.to_string())));
+                    }
+                }
+                Err(_canceled) => failures.push((i, SinkError::ShuttingDown)),
+            }
+        }
+        metrics::histogram!(DELIVERY_DURATION).record(started.elapsed().as_secs_f64());
+        failures.sort_by_key(|(i, _)| *i);
+        Published {
+            delivered,
+            failures,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.up.load(Ordering::Acquire) && !self.closing.load(Ordering::Acquire)
+    }
+}
+
+/// Creates the usage topic with its partition count; an existing topic is left as it is.
+pub async fn ensure_topic(config: &KafkaConfig) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .create()?;
+    let topic = NewTopic::new(
+        &config.topic,
+        config.partitions,
+        TopicReplication::Fixed(config.replication_factor),
+    );
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
+    for result in admin.create_topics([&topic], &options).await? {
+        match result {
+            Ok(name) => {
+                tracing::info!(topic = %name, partitions = config.partitions, "topic created")
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(
+                    |_| tracing::error!(topic = %name, ?code, "topic creation failed"),
+                )
+            }
+        }
+    }
+    Ok(())
+}

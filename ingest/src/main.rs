@@ -1,0 +1,52 @@
+//! `tally-ingest`: the collector service.
+//!
+//! Usage: `tally-ingest [--config FILE]` (or `TALLY_CONFIG=FILE`); `TALLY_LOG` sets the
+//! log filter, `TALLY_LOG_FORMAT=json` switches to JSON lines.
+
+use anyhow::Context;
+use tally_core::Config;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    let mut args = std::env::args().skip(1);
+    let mut path = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" => path = Some(args.next().context("--config needs a file")?),
+            "-h" | "--help" => {
+                println!("usage: tally-ingest [--config FILE]");
+                return Ok(());
+            }
+            other => {
+                anyhow::bail!("unknown argument {other:?}; usage: tally-ingest [--config FILE]")
+            }
+        }
+    }
+    let config = Config::load(path.as_deref().map(std::path::Path::new))?;
+    let collector = tally_ingest::serve(config).await?;
+    shutdown_signal().await;
+    tracing::info!("signal received");
+    collector.shutdown().await;
+    Ok(())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

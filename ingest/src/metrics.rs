@@ -1,0 +1,58 @@
+//! The collector's Prometheus metrics, declared in one place.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub(crate) const HTTP_REQUESTS: &str = "tally_ingest_http_requests_total";
+pub(crate) const HTTP_DURATION: &str = "tally_ingest_http_request_duration_seconds";
+pub(crate) const EVENTS: &str = "tally_ingest_events_total";
+pub(crate) const QUEUE_DEPTH: &str = "tally_ingest_producer_queue_messages";
+pub(crate) const DELIVERY_DURATION: &str = "tally_ingest_delivery_duration_seconds";
+pub(crate) const BROKER_UP: &str = "tally_ingest_broker_up";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .and_then(|b| b.install_recorder())
+            .unwrap_or_else(|e| {
+                // Another recorder is already installed (a host process embedding us):
+                // keep an unconnected handle so /metrics still answers.
+                tracing::warn!(error = %e, "prometheus recorder not installed");
+                PrometheusBuilder::new().build_recorder().handle()
+            });
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status");
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "HTTP request latency, by route"
+    );
+    describe_counter!(
+        EVENTS,
+        "Events by outcome (accepted, rejected, failed) and reason"
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Messages in the producer queue awaiting acknowledgement"
+    );
+    describe_histogram!(
+        DELIVERY_DURATION,
+        Unit::Seconds,
+        "Time from enqueuing a request's events to the broker's last acknowledgement"
+    );
+    describe_gauge!(BROKER_UP, "1 when the last broker metadata probe succeeded");
+}
