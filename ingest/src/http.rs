@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 
 use crate::error::SinkError;
 use crate::kafka::EventSink;
-use crate::metrics::{EVENTS, HTTP_DURATION, HTTP_REQUESTS};
+use crate::metrics::{EVENTS, HTTP_DURATION, HTTP_REQUESTS, IN_FLIGHT};
 
 /// Where a route's events come from and how it answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +117,9 @@ impl<S: EventSink> App<S> {
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
+        let in_flight = metrics::gauge!(IN_FLIGHT);
+        in_flight.increment(1.0);
+        let _done = Decrement(in_flight);
         let reply = |status, detail: &str| self.problem(api, status, detail, &[]);
         let Some(tenant) = self.authenticate(&req) else {
             let mut r = reply(
@@ -261,6 +264,15 @@ impl<S: EventSink> App<S> {
                 &json!({"accepted": 0, "rejected": rejected_json(refused)}),
             ),
         }
+    }
+}
+
+/// Lowers the in-flight gauge however the handler returns.
+struct Decrement(metrics::Gauge);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 

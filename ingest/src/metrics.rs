@@ -11,6 +11,7 @@ pub(crate) const EVENTS: &str = "tally_ingest_events_total";
 pub(crate) const QUEUE_DEPTH: &str = "tally_ingest_producer_queue_messages";
 pub(crate) const DELIVERY_DURATION: &str = "tally_ingest_delivery_duration_seconds";
 pub(crate) const BROKER_UP: &str = "tally_ingest_broker_up";
+pub(crate) const IN_FLIGHT: &str = "tally_ingest_http_requests_in_flight";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -54,5 +55,6 @@ fn describe() {
         Unit::Seconds,
         "Time from enqueuing a request's events to the broker's last acknowledgement"
     );
+    describe_gauge!(IN_FLIGHT, "Event requests being handled");
     describe_gauge!(BROKER_UP, "1 when the last broker metadata probe succeeded");
 }
