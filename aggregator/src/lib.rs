@@ -1,0 +1,3 @@
+//! The aggregator stage. So far: the versioned ClickHouse schema it writes into.
+
+pub mod migrate;
