@@ -41,6 +41,9 @@ pub struct Config {
     /// Limits applied to every incoming event.
     #[serde(default)]
     pub validation: ValidationConfig,
+    /// The aggregator: consumer group, flushing, dedupe, the usage API.
+    #[serde(default)]
+    pub aggregator: AggregatorConfig,
     /// Tenants and the hashes of their API keys.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -154,6 +157,34 @@ pub struct ValidationConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct AggregatorConfig {
+    /// Consumer group all aggregators of a deployment join (`TALLY_AGGREGATOR_GROUP`).
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Topic that receives records the aggregator cannot count, with the reason.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Longest time an accepted event waits in memory before its flush.
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// Most records in one flush (one ClickHouse insert).
+    #[serde(default = "default_flush_max_records")]
+    pub flush_max_records: usize,
+    /// How long a retried event id is recognised as a duplicate, in seconds. Must cover
+    /// the allowed lateness plus the time clients keep retrying.
+    #[serde(default = "default_dedupe_window_secs")]
+    pub dedupe_window_secs: u64,
+    /// Kafka session timeout: how soon a dead member's partitions move to the others.
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
+    /// Address of the usage API, `/healthz`, `/readyz` and `/metrics`
+    /// (`TALLY_AGGREGATOR_LISTEN`).
+    #[serde(default = "default_aggregator_listen")]
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     /// Tenant id: 1–64 characters of `a-z`, `0-9`, `_`, `-`.
     pub id: String,
@@ -215,6 +246,27 @@ fn default_clickhouse_database() -> String {
 fn default_clickhouse_user() -> String {
     "default".into()
 }
+fn default_group_id() -> String {
+    "tally-aggregator".into()
+}
+fn default_dead_letter_topic() -> String {
+    "usage-events-dead-letter".into()
+}
+fn default_flush_interval_ms() -> u64 {
+    1_000
+}
+fn default_flush_max_records() -> usize {
+    50_000
+}
+fn default_dedupe_window_secs() -> u64 {
+    8 * 24 * 3600
+}
+fn default_session_timeout_ms() -> u64 {
+    10_000
+}
+fn default_aggregator_listen() -> String {
+    "127.0.0.1:8701".into()
+}
 fn default_max_future_secs() -> u64 {
     300
 }
@@ -256,7 +308,8 @@ default_from_serde!(
     CollectorConfig,
     KafkaConfig,
     ClickHouseConfig,
-    ValidationConfig
+    ValidationConfig,
+    AggregatorConfig
 );
 
 impl Default for Config {
@@ -319,6 +372,12 @@ impl Config {
                 }
             };
         }
+        if let Some(v) = get("TALLY_AGGREGATOR_GROUP") {
+            self.aggregator.group_id = v;
+        }
+        if let Some(v) = get("TALLY_AGGREGATOR_LISTEN") {
+            self.aggregator.listen = v;
+        }
         if let Some(v) = get("TALLY_CLICKHOUSE_URL") {
             self.clickhouse.url = v;
         }
@@ -333,6 +392,11 @@ impl Config {
         Tenants::new(&self.tenants)?;
         if self.kafka.partitions < 1 {
             return Err("kafka.partitions: must be at least 1".into());
+        }
+        if self.aggregator.dedupe_window_secs < self.validation.allowed_lateness_secs {
+            return Err(
+                "aggregator.dedupe_window_secs: must cover validation.allowed_lateness_secs".into(),
+            );
         }
         if self.collector.max_body_bytes == 0 {
             return Err("collector.max_body_bytes: must be positive".into());

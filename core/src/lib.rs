@@ -13,4 +13,4 @@ pub use catalog::{Aggregation, Catalog, Meter};
 pub use config::{Config, Tenant, Tenants};
 pub use event::UsageRecord;
 pub use quantity::Quantity;
-pub use validate::{Dialect, Refused, Rejection, Validator};
+pub use validate::{measure, Dialect, Measurement, MeterValue, Refused, Rejection, Validator};

@@ -10,7 +10,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::body::Candidate;
-use crate::catalog::{lookup, Catalog};
+use crate::catalog::{lookup, Catalog, Meter};
 use crate::config::{Tenant, ValidationConfig};
 use crate::event::{UsageRecord, RECORD_VERSION};
 use crate::quantity::Quantity;
@@ -237,37 +237,7 @@ impl Validator<'_> {
             ));
         }
         for meter in self.catalog.meters_for_type(&event_type) {
-            if let Some(path) = &meter.value {
-                let field = format!("data.{path}");
-                let value = lookup(&data, path)
-                    .filter(|v| !v.is_null())
-                    .ok_or_else(|| {
-                        Rejection::new(&field, format!("required by meter {}", meter.key))
-                    })?;
-                if meter.aggregation.needs_number() {
-                    number(value).map_err(|reason| Rejection::new(&field, reason))?;
-                } else {
-                    identifier(value, l.max_dimension_chars)
-                        .map_err(|r| Rejection::new(&field, r))?;
-                }
-            }
-            for dim in &meter.group_by {
-                match lookup(&data, dim) {
-                    None | Some(Value::Null) => {}
-                    Some(Value::String(s)) if s.chars().count() <= l.max_dimension_chars => {}
-                    Some(Value::String(_)) => {
-                        let reason =
-                            format!("dimension longer than {} characters", l.max_dimension_chars);
-                        return Err(Rejection::new(format!("data.{dim}"), reason));
-                    }
-                    Some(_) => {
-                        return Err(Rejection::new(
-                            format!("data.{dim}"),
-                            "dimension must be a string",
-                        ))
-                    }
-                }
-            }
+            measure(meter, &data, l.max_dimension_chars)?;
         }
 
         Ok(UsageRecord {
@@ -391,6 +361,70 @@ fn check_shape(data: &Map<String, Value>, l: &ValidationConfig) -> Result<(), Re
     data.values().try_for_each(|v| walk(v, 1, &mut count, l))
 }
 
+/// What one event contributes to one meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Measurement {
+    pub value: MeterValue,
+    /// Dimension values in the meter's `group_by` order; a missing dimension is `""`.
+    pub dimensions: Vec<String>,
+}
+
+/// The value an event carries for a meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeterValue {
+    /// COUNT: the event itself.
+    Event,
+    /// SUM, MIN, MAX, LATEST.
+    Number(Quantity),
+    /// UNIQUE_COUNT: the identifier (integers in their decimal form).
+    Identifier(String),
+}
+
+/// Reads a meter's value and dimensions from an event's `data`. The collector refuses an
+/// event for which this fails; the aggregator dead-letters one.
+pub fn measure(
+    meter: &Meter,
+    data: &Map<String, Value>,
+    max_dimension_chars: usize,
+) -> Result<Measurement, Rejection> {
+    let value = match &meter.value {
+        None => MeterValue::Event,
+        Some(path) => {
+            let field = || format!("data.{path}");
+            let raw = lookup(data, path).filter(|v| !v.is_null()).ok_or_else(|| {
+                Rejection::new(field(), format!("required by meter {}", meter.key))
+            })?;
+            if meter.aggregation.needs_number() {
+                MeterValue::Number(number(raw).map_err(|reason| Rejection::new(field(), reason))?)
+            } else {
+                MeterValue::Identifier(
+                    identifier(raw, max_dimension_chars).map_err(|r| Rejection::new(field(), r))?,
+                )
+            }
+        }
+    };
+    let mut dimensions = Vec::with_capacity(meter.group_by.len());
+    for dim in &meter.group_by {
+        match lookup(data, dim) {
+            None | Some(Value::Null) => dimensions.push(String::new()),
+            Some(Value::String(s)) if s.chars().count() <= max_dimension_chars => {
+                dimensions.push(s.clone())
+            }
+            Some(Value::String(_)) => {
+                let reason = format!("dimension longer than {max_dimension_chars} characters");
+                return Err(Rejection::new(format!("data.{dim}"), reason));
+            }
+            Some(_) => {
+                return Err(Rejection::new(
+                    format!("data.{dim}"),
+                    "dimension must be a string",
+                ))
+            }
+        }
+    }
+    Ok(Measurement { value, dimensions })
+}
+
 /// A meter value: a JSON number, or a string holding one, exact in `Decimal(38, 9)`.
 pub fn number(v: &Value) -> Result<Quantity, String> {
     let text = match v {
@@ -403,12 +437,12 @@ pub fn number(v: &Value) -> Result<Quantity, String> {
 }
 
 /// A unique-count value: a non-empty string or an integer.
-fn identifier(v: &Value, max: usize) -> Result<(), String> {
+fn identifier(v: &Value, max: usize) -> Result<String, String> {
     match v {
         Value::String(s) if s.is_empty() => Err("must not be empty".to_owned()),
         Value::String(s) if s.chars().count() > max => Err(format!("longer than {max} characters")),
-        Value::String(_) => Ok(()),
-        Value::Number(n) if n.is_i64() || n.is_u64() => Ok(()),
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
         _ => Err("must be a string or an integer".to_owned()),
     }
 }

@@ -378,3 +378,27 @@ proptest! {
         prop_assert_eq!(r.time, t);
     }
 }
+
+#[test]
+fn measure_reads_values_and_dimensions_in_group_by_order() {
+    let c = config();
+    let catalog = c.catalog();
+    let tokens = catalog.meter("tokens").expect("tokens meter");
+    let data = json!({"tokens": "12.5", "model": "m1", "extra": 1});
+    let m = measure(tokens, data.as_object().expect("object"), 256).expect("measure");
+    assert_eq!(m.value, MeterValue::Number("12.5".parse().expect("q")));
+    assert_eq!(m.dimensions, ["m1"]);
+    let no_model = json!({"tokens": 3});
+    let m = measure(tokens, no_model.as_object().expect("object"), 256).expect("measure");
+    assert_eq!(m.dimensions, [""], "a missing dimension groups as empty");
+    let requests = catalog.meter("requests").expect("requests meter");
+    let m = measure(requests, &Map::new(), 256).expect("count needs no value");
+    assert_eq!(
+        (m.value, m.dimensions),
+        (MeterValue::Event, vec![String::new()])
+    );
+    let users = catalog.meter("active_users").expect("active_users meter");
+    let numeric = json!({"user": 42});
+    let m = measure(users, numeric.as_object().expect("object"), 256).expect("integer identifier");
+    assert_eq!(m.value, MeterValue::Identifier("42".into()));
+}

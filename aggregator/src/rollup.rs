@@ -1,0 +1,362 @@
+//! The pure core of the aggregator: records in, one flush's ledger rows out.
+//!
+//! A [`PartitionBatch`] holds what one partition contributed since the last flush: the new
+//! events (for `events_raw`), their meters' pre-aggregated hourly deltas, and the last
+//! offset read. Duplicates are recognised against the partition's [`Dedupe`] state plus the
+//! ids already in the batch; they only move the offset. Nothing here touches the network.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+
+use serde::Serialize;
+use tally_core::{measure, Aggregation, Catalog, MeterValue, Quantity, UsageRecord};
+
+/// Row kinds of `ingest_ledger` (see `schemas/clickhouse/V2__rollups.sql`).
+pub const KIND_EVENT: u8 = 1;
+pub const KIND_ROLLUP: u8 = 2;
+pub const KIND_CHECKPOINT: u8 = 3;
+
+/// One row of the single insert a flush makes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clickhouse::Row, Serialize)]
+pub struct LedgerRow {
+    pub kind: u8,
+    pub tenant: String,
+    pub customer: String,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub time: u32,
+    pub time_nanos: u32,
+    pub received_at: u32,
+    pub source: String,
+    pub data: String,
+    pub topic: String,
+    pub kafka_partition: u32,
+    pub kafka_offset: u64,
+    pub meter: String,
+    pub hour: u32,
+    pub dim_values: Vec<String>,
+    pub d_count: u64,
+    pub d_sum: i128,
+    pub d_min: i128,
+    pub d_max: i128,
+    pub d_latest: i128,
+    pub d_latest_at: u64,
+    pub d_unique: String,
+}
+
+/// A record the aggregator cannot count, bound for the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poison {
+    /// Bounded label (metrics, the `reason` header).
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// A 128-bit fingerprint of (tenant, event id): collisions are out of reach at any volume
+/// this state holds, and it costs 16 bytes instead of the strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventKey(u128);
+
+impl EventKey {
+    pub fn new(tenant: &str, id: &str) -> EventKey {
+        let half = |salt: u8| {
+            let mut h = std::hash::DefaultHasher::new();
+            salt.hash(&mut h);
+            tenant.hash(&mut h);
+            id.hash(&mut h);
+            h.finish()
+        };
+        EventKey((u128::from(half(1)) << 64) | u128::from(half(2)))
+    }
+}
+
+/// The event ids one partition has counted within the dedupe window.
+#[derive(Debug, Default)]
+pub struct Dedupe {
+    seen: HashMap<EventKey, u32>,
+}
+
+impl Dedupe {
+    pub fn insert(&mut self, key: EventKey, received_at: u32) {
+        self.seen.insert(key, received_at);
+    }
+
+    pub fn contains(&self, key: &EventKey) -> bool {
+        self.seen.contains_key(key)
+    }
+
+    /// Forgets ids received before `oldest` (unix seconds).
+    pub fn evict_before(&mut self, oldest: u32) {
+        self.seen.retain(|_, at| *at >= oldest);
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct GroupKey {
+    tenant: String,
+    customer: String,
+    meter: String,
+    hour: u32,
+    dims: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Acc {
+    count: u64,
+    sum: i128,
+    min: i128,
+    max: i128,
+    latest: i128,
+    latest_at: u64,
+}
+
+/// What happened to one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Counted,
+    Duplicate,
+    Poison(Poison),
+}
+
+/// One partition's contribution since its last flush.
+#[derive(Debug, Default)]
+pub struct PartitionBatch {
+    events: Vec<LedgerRow>,
+    groups: HashMap<GroupKey, Acc>,
+    uniques: HashMap<(GroupKey, String), u64>,
+    new_keys: HashSet<EventKey>,
+    new_key_times: Vec<(EventKey, u32)>,
+    /// Last offset read (counted, duplicate or poison alike).
+    pub last_offset: Option<i64>,
+    /// Records read into this batch.
+    pub records: usize,
+}
+
+impl PartitionBatch {
+    /// Adds the record at `offset`: decoded and measured, or why it cannot be.
+    pub fn add(
+        &mut self,
+        catalog: &Catalog,
+        dedupe: &Dedupe,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        max_dimension_chars: usize,
+    ) -> Outcome {
+        self.last_offset = Some(offset);
+        self.records += 1;
+        let record = match decode(key, payload) {
+            Ok(r) => r,
+            Err(p) => return Outcome::Poison(p),
+        };
+        let event_key = EventKey::new(&record.tenant, &record.id);
+        if dedupe.contains(&event_key) || self.new_keys.contains(&event_key) {
+            return Outcome::Duplicate;
+        }
+        let mut measured = Vec::new();
+        for meter in catalog.meters_for_type(&record.event_type) {
+            match measure(meter, &record.data, max_dimension_chars) {
+                Ok(m) => measured.push((meter, m)),
+                Err(e) => {
+                    return Outcome::Poison(Poison {
+                        reason: "invalid",
+                        detail: format!("meter {}: {e}", meter.key),
+                    })
+                }
+            }
+        }
+        let Some(at_nanos) = epoch_nanos(&record) else {
+            return Outcome::Poison(Poison {
+                reason: "invalid",
+                detail: "time: before 1970 or after 2106".into(),
+            });
+        };
+        let time = record.time.unix_timestamp() as u32;
+        let hour = time - time % 3600;
+        let received_at = record
+            .received_at
+            .unix_timestamp()
+            .clamp(0, i64::from(u32::MAX)) as u32;
+        for (meter, m) in measured {
+            let group = GroupKey {
+                tenant: record.tenant.clone(),
+                customer: record.customer.clone(),
+                meter: meter.key.clone(),
+                hour,
+                dims: m.dimensions,
+            };
+            match (meter.aggregation, m.value) {
+                (Aggregation::UniqueCount, MeterValue::Identifier(v)) => {
+                    *self.uniques.entry((group, v)).or_default() += 1;
+                }
+                (_, value) => {
+                    let n = match value {
+                        MeterValue::Number(q) => q.nanos(),
+                        _ => 0,
+                    };
+                    let acc = self.groups.entry(group).or_insert(Acc {
+                        count: 0,
+                        sum: 0,
+                        min: n,
+                        max: n,
+                        latest: n,
+                        latest_at: at_nanos,
+                    });
+                    acc.count += 1;
+                    acc.sum = match acc.sum.checked_add(n).and_then(Quantity::from_nanos) {
+                        Some(s) => s.nanos(),
+                        None => {
+                            return Outcome::Poison(Poison {
+                                reason: "overflow",
+                                detail: format!(
+                                    "meter {}: hourly sum out of Decimal(38, 9)",
+                                    meter.key
+                                ),
+                            })
+                        }
+                    };
+                    acc.min = acc.min.min(n);
+                    acc.max = acc.max.max(n);
+                    // Ties on event time keep the later record: deterministic within a
+                    // partition, which holds every event of one customer.
+                    if at_nanos >= acc.latest_at {
+                        acc.latest = n;
+                        acc.latest_at = at_nanos;
+                    }
+                }
+            }
+        }
+        self.new_keys.insert(event_key);
+        self.new_key_times.push((event_key, received_at));
+        self.events.push(LedgerRow {
+            kind: KIND_EVENT,
+            tenant: record.tenant,
+            customer: record.customer,
+            id: record.id,
+            event_type: record.event_type,
+            time,
+            time_nanos: record.time.nanosecond(),
+            received_at,
+            source: record.source.unwrap_or_default(),
+            data: serde_json::Value::Object(record.data).to_string(),
+            kafka_partition: partition as u32,
+            kafka_offset: offset as u64,
+            ..LedgerRow::default()
+        });
+        Outcome::Counted
+    }
+
+    /// The rows of this batch for the flush insert, ending with its checkpoint.
+    pub fn rows(&self, topic: &str, partition: i32, now: u32, out: &mut Vec<LedgerRow>) {
+        out.extend(self.events.iter().cloned());
+        for (g, a) in &self.groups {
+            out.push(LedgerRow {
+                kind: KIND_ROLLUP,
+                tenant: g.tenant.clone(),
+                customer: g.customer.clone(),
+                meter: g.meter.clone(),
+                hour: g.hour,
+                dim_values: g.dims.clone(),
+                d_count: a.count,
+                d_sum: a.sum,
+                d_min: a.min,
+                d_max: a.max,
+                d_latest: a.latest,
+                d_latest_at: a.latest_at,
+                ..LedgerRow::default()
+            });
+        }
+        for ((g, value), count) in &self.uniques {
+            out.push(LedgerRow {
+                kind: KIND_ROLLUP,
+                tenant: g.tenant.clone(),
+                customer: g.customer.clone(),
+                meter: g.meter.clone(),
+                hour: g.hour,
+                dim_values: g.dims.clone(),
+                d_count: *count,
+                d_unique: value.clone(),
+                ..LedgerRow::default()
+            });
+        }
+        if let Some(offset) = self.last_offset {
+            out.push(LedgerRow {
+                kind: KIND_CHECKPOINT,
+                topic: topic.to_owned(),
+                kafka_partition: partition as u32,
+                kafka_offset: offset as u64,
+                received_at: now,
+                ..LedgerRow::default()
+            });
+        }
+    }
+
+    /// After the flush landed: its ids join the partition's dedupe state.
+    pub fn commit_into(self, dedupe: &mut Dedupe) {
+        for (k, at) in self.new_key_times {
+            dedupe.insert(k, at);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last_offset.is_none()
+    }
+
+    pub fn counted(&self) -> usize {
+        self.events.len()
+    }
+}
+
+fn epoch_nanos(r: &UsageRecord) -> Option<u64> {
+    let secs = r.time.unix_timestamp();
+    if !(0..=i64::from(u32::MAX)).contains(&secs) {
+        return None;
+    }
+    Some(secs as u64 * 1_000_000_000 + u64::from(r.time.nanosecond()))
+}
+
+/// Decodes a Kafka record into a usage record, checking its key.
+pub fn decode(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<UsageRecord, Poison> {
+    let payload = payload.ok_or_else(|| Poison {
+        reason: "empty",
+        detail: "record has no payload".into(),
+    })?;
+    let record: UsageRecord = serde_json::from_slice(payload).map_err(|e| Poison {
+        reason: "undecodable",
+        detail: format!("not a usage record: {e}"),
+    })?;
+    if record.v != tally_core::event::RECORD_VERSION {
+        return Err(Poison {
+            reason: "version",
+            detail: format!("record layout v{} not understood", record.v),
+        });
+    }
+    if record.id.is_empty() || record.tenant.is_empty() || record.customer.is_empty() {
+        return Err(Poison {
+            reason: "invalid",
+            detail: "tenant, id and customer must not be empty".into(),
+        });
+    }
+    // Retries of one event must share a partition for per-partition dedupe to hold.
+    let expected = record.key();
+    if key != Some(expected.as_bytes()) {
+        return Err(Poison {
+            reason: "key",
+            detail: format!("record key must be {expected:?}"),
+        });
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,276 @@
+use super::*;
+use proptest::prelude::*;
+use serde_json::json;
+use tally_core::Config;
+
+fn catalog() -> Catalog {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/tally.dev.toml");
+    let text = std::fs::read_to_string(&path).expect("dev config");
+    Config::parse(&text, &path).expect("parses").catalog()
+}
+
+fn record(
+    id: &str,
+    customer: &str,
+    ty: &str,
+    time: &str,
+    data: serde_json::Value,
+) -> (Vec<u8>, Vec<u8>) {
+    let r = json!({"v": 1, "tenant": "demo", "id": id, "customer": customer, "type": ty, "time": time,
+                   "received_at": "2026-11-24T12:00:00Z", "data": data});
+    (
+        format!("demo/{customer}").into_bytes(),
+        r.to_string().into_bytes(),
+    )
+}
+
+fn add(b: &mut PartitionBatch, d: &Dedupe, offset: i64, rec: &(Vec<u8>, Vec<u8>)) -> Outcome {
+    b.add(&catalog(), d, 0, offset, Some(&rec.0), Some(&rec.1), 256)
+}
+
+fn rollups(b: &PartitionBatch) -> Vec<LedgerRow> {
+    let mut rows = Vec::new();
+    b.rows("t", 0, 0, &mut rows);
+    rows.retain(|r| r.kind == KIND_ROLLUP);
+    rows.sort_by(|a, b| {
+        (&a.meter, a.hour, &a.dim_values, &a.d_unique).cmp(&(
+            &b.meter,
+            b.hour,
+            &b.dim_values,
+            &b.d_unique,
+        ))
+    });
+    rows
+}
+
+const T: &str = "2026-11-24T10:15:00Z";
+const HOUR_10: u32 = 1_795_514_400; // 2026-11-24T10:00:00Z
+
+#[test]
+fn sums_counts_and_extremes_per_hour_and_dimension() {
+    let d = Dedupe::default();
+    let mut b = PartitionBatch::default();
+    for (i, (tokens, model)) in [("10", "a"), ("2.5", "a"), ("7", "b")].iter().enumerate() {
+        let r = record(
+            &format!("e{i}"),
+            "c1",
+            "completion",
+            T,
+            json!({"tokens": tokens, "model": model}),
+        );
+        assert_eq!(add(&mut b, &d, i as i64, &r), Outcome::Counted);
+    }
+    let rows = rollups(&b);
+    assert_eq!(rows.len(), 2);
+    let a = &rows[0];
+    assert_eq!(
+        (a.meter.as_str(), a.hour, a.dim_values.clone()),
+        ("tokens", HOUR_10, vec!["a".to_owned()])
+    );
+    assert_eq!(
+        (a.d_count, a.d_sum, a.d_min, a.d_max),
+        (2, 12_500_000_000, 2_500_000_000, 10_000_000_000)
+    );
+    assert_eq!((rows[1].d_count, rows[1].d_sum), (1, 7_000_000_000));
+}
+
+#[test]
+fn duplicates_in_the_batch_or_the_window_are_not_counted() {
+    let mut d = Dedupe::default();
+    let mut b = PartitionBatch::default();
+    let r = record("same", "c1", "request", T, json!({"endpoint": "/x"}));
+    assert_eq!(add(&mut b, &d, 0, &r), Outcome::Counted);
+    assert_eq!(add(&mut b, &d, 1, &r), Outcome::Duplicate);
+    assert_eq!(rollups(&b)[0].d_count, 1);
+    assert_eq!(b.last_offset, Some(1), "a duplicate still moves the offset");
+    b.commit_into(&mut d);
+    let mut next = PartitionBatch::default();
+    assert_eq!(add(&mut next, &d, 2, &r), Outcome::Duplicate);
+    assert!(rollups(&next).is_empty());
+    d.evict_before(1_795_600_000);
+    assert!(d.is_empty(), "ids older than the window are forgotten");
+}
+
+#[test]
+fn latest_follows_event_time_not_arrival() {
+    let d = Dedupe::default();
+    let mut b = PartitionBatch::default();
+    add(
+        &mut b,
+        &d,
+        0,
+        &record(
+            "s1",
+            "c1",
+            "storage",
+            "2026-11-24T10:50:00Z",
+            json!({"gb": 5}),
+        ),
+    );
+    add(
+        &mut b,
+        &d,
+        1,
+        &record(
+            "s2",
+            "c1",
+            "storage",
+            "2026-11-24T10:10:00Z",
+            json!({"gb": 9}),
+        ),
+    );
+    add(
+        &mut b,
+        &d,
+        2,
+        &record(
+            "s3",
+            "c1",
+            "storage",
+            "2026-11-24T10:50:00Z",
+            json!({"gb": 6}),
+        ),
+    );
+    let row = &rollups(&b)[0];
+    assert_eq!(
+        row.d_latest, 6_000_000_000,
+        "the tie on event time goes to the later record"
+    );
+    assert_eq!(
+        row.d_latest_at,
+        (u64::from(HOUR_10) + 50 * 60) * 1_000_000_000
+    );
+}
+
+#[test]
+fn unique_counts_keep_each_distinct_value() {
+    let d = Dedupe::default();
+    let mut b = PartitionBatch::default();
+    for (i, user) in ["u1", "u2", "u1"].iter().enumerate() {
+        add(
+            &mut b,
+            &d,
+            i as i64,
+            &record(&format!("l{i}"), "c1", "login", T, json!({"user": user})),
+        );
+    }
+    let rows = rollups(&b);
+    let got: Vec<_> = rows
+        .iter()
+        .map(|r| (r.d_unique.as_str(), r.d_count))
+        .collect();
+    assert_eq!(got, [("u1", 2), ("u2", 1)]);
+}
+
+#[test]
+fn late_events_land_in_their_own_hour() {
+    let d = Dedupe::default();
+    let mut b = PartitionBatch::default();
+    add(
+        &mut b,
+        &d,
+        0,
+        &record("a", "c1", "request", "2026-11-24T10:59:59.999Z", json!({})),
+    );
+    add(
+        &mut b,
+        &d,
+        1,
+        &record("b", "c1", "request", "2026-11-20T03:00:00Z", json!({})),
+    );
+    let hours: Vec<_> = rollups(&b).iter().map(|r| r.hour).collect();
+    assert_eq!(hours, [1_795_143_600, HOUR_10]);
+}
+
+#[test]
+fn poison_is_named_and_still_moves_the_offset() {
+    let d = Dedupe::default();
+    let mut b = PartitionBatch::default();
+    let wrong_key = record("x", "c", "request", T, json!({})).1;
+    let bad_value = record("y", "c", "completion", T, json!({"tokens": "x"})).1;
+    let cases: Vec<(Option<&[u8]>, Option<&[u8]>, &str)> = vec![
+        (Some(b"demo/c"), Some(b"not json"), "undecodable"),
+        (Some(b"demo/c"), None, "empty"),
+        (Some(b"demo/other"), Some(&wrong_key), "key"),
+        (Some(b"demo/c"), Some(&bad_value), "invalid"),
+    ];
+    for (i, (key, payload, reason)) in cases.into_iter().enumerate() {
+        match b.add(&catalog(), &d, 0, i as i64, key, payload, 256) {
+            Outcome::Poison(p) => assert_eq!(p.reason, reason, "{}", p.detail),
+            other => panic!("case {i}: {other:?}"),
+        }
+    }
+    let mut rows = Vec::new();
+    b.rows("topic-a", 3, 7, &mut rows);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (
+            rows[0].kind,
+            rows[0].kafka_partition,
+            rows[0].kafka_offset,
+            rows[0].topic.as_str()
+        ),
+        (KIND_CHECKPOINT, 3, 3, "topic-a")
+    );
+}
+
+#[test]
+fn events_of_types_no_meter_reads_are_kept_raw() {
+    let d = Dedupe::default();
+    let mut b = PartitionBatch::default();
+    assert_eq!(
+        add(
+            &mut b,
+            &d,
+            0,
+            &record("m", "c1", "mystery", T, json!({"x": 1}))
+        ),
+        Outcome::Counted
+    );
+    let mut rows = Vec::new();
+    b.rows("t", 0, 0, &mut rows);
+    let kinds: Vec<_> = rows.iter().map(|r| r.kind).collect();
+    assert_eq!(kinds, [KIND_EVENT, KIND_CHECKPOINT]);
+    assert_eq!(rows[0].data, r#"{"x":1}"#);
+}
+
+proptest! {
+    /// However a stream with retries is cut into batches, the rows sum to the distinct
+    /// events' totals.
+    #[test]
+    fn batching_and_retries_never_change_totals(
+        events in prop::collection::vec((0u8..20, 0u8..3, 0u64..1_000_000), 1..200),
+        cuts in prop::collection::vec(any::<bool>(), 200),
+    ) {
+        let cat = catalog();
+        let mut d = Dedupe::default();
+        let mut b = PartitionBatch::default();
+        let mut expected: HashMap<(String, u8), i128> = HashMap::new();
+        let mut first: HashMap<u8, (u8, u64)> = HashMap::new();
+        let mut got: HashMap<(String, u8), i128> = HashMap::new();
+        let drain = |b: PartitionBatch, d: &mut Dedupe, got: &mut HashMap<(String, u8), i128>| {
+            let mut rows = Vec::new();
+            b.rows("t", 0, 0, &mut rows);
+            for r in rows.iter().filter(|r| r.kind == KIND_ROLLUP) {
+                let model: u8 = r.dim_values[0].parse().expect("model");
+                *got.entry((r.meter.clone(), model)).or_default() += r.d_sum;
+            }
+            b.commit_into(d);
+        };
+        for (offset, (id, model, tokens)) in events.iter().enumerate() {
+            // A retry carries the same id and the same body as the first send.
+            let (model, tokens) = *first.entry(*id).or_insert((*model, *tokens));
+            let rec = record(&format!("e{id}"), "c", "completion", T, json!({"tokens": tokens, "model": model.to_string()}));
+            if b.add(&cat, &d, 0, offset as i64, Some(&rec.0), Some(&rec.1), 256) == Outcome::Counted {
+                *expected.entry(("tokens".into(), model)).or_default() += i128::from(tokens) * 1_000_000_000;
+            }
+            if cuts[offset] {
+                drain(std::mem::take(&mut b), &mut d, &mut got);
+            }
+        }
+        drain(b, &mut d, &mut got);
+        let distinct: i128 = first.values().map(|(_, t)| i128::from(*t) * 1_000_000_000).sum();
+        prop_assert_eq!(expected.values().sum::<i128>(), distinct);
+        prop_assert_eq!(got, expected);
+    }
+}
