@@ -119,6 +119,22 @@ struct Acc {
     latest_at: u64,
 }
 
+/// The meter catalog and the limits measuring reads with.
+#[derive(Debug, Clone, Copy)]
+pub struct Meters<'a> {
+    pub catalog: &'a Catalog,
+    pub max_dimension_chars: usize,
+}
+
+/// One record as read from Kafka.
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+}
+
 /// What happened to one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -142,17 +158,15 @@ pub struct PartitionBatch {
 }
 
 impl PartitionBatch {
-    /// Adds the record at `offset`: decoded and measured, or why it cannot be.
-    pub fn add(
-        &mut self,
-        catalog: &Catalog,
-        dedupe: &Dedupe,
-        partition: i32,
-        offset: i64,
-        key: Option<&[u8]>,
-        payload: Option<&[u8]>,
-        max_dimension_chars: usize,
-    ) -> Outcome {
+    /// Adds one record read from the partition: counted, recognised as a retry, or poison.
+    pub fn add(&mut self, meters: &Meters<'_>, dedupe: &Dedupe, incoming: Incoming<'_>) -> Outcome {
+        let Incoming {
+            partition,
+            offset,
+            key,
+            payload,
+        } = incoming;
+        let (catalog, max_dimension_chars) = (meters.catalog, meters.max_dimension_chars);
         self.last_offset = Some(offset);
         self.records += 1;
         let record = match decode(key, payload) {

@@ -24,8 +24,22 @@ fn record(
     )
 }
 
+fn incoming<'a>(offset: i64, key: Option<&'a [u8]>, payload: Option<&'a [u8]>) -> Incoming<'a> {
+    Incoming {
+        partition: 0,
+        offset,
+        key,
+        payload,
+    }
+}
+
 fn add(b: &mut PartitionBatch, d: &Dedupe, offset: i64, rec: &(Vec<u8>, Vec<u8>)) -> Outcome {
-    b.add(&catalog(), d, 0, offset, Some(&rec.0), Some(&rec.1), 256)
+    let cat = catalog();
+    let meters = Meters {
+        catalog: &cat,
+        max_dimension_chars: 256,
+    };
+    b.add(&meters, d, incoming(offset, Some(&rec.0), Some(&rec.1)))
 }
 
 fn rollups(b: &PartitionBatch) -> Vec<LedgerRow> {
@@ -188,14 +202,20 @@ fn poison_is_named_and_still_moves_the_offset() {
     let mut b = PartitionBatch::default();
     let wrong_key = record("x", "c", "request", T, json!({})).1;
     let bad_value = record("y", "c", "completion", T, json!({"tokens": "x"})).1;
-    let cases: Vec<(Option<&[u8]>, Option<&[u8]>, &str)> = vec![
+    type Case<'a> = (Option<&'a [u8]>, Option<&'a [u8]>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (Some(b"demo/c"), Some(b"not json"), "undecodable"),
         (Some(b"demo/c"), None, "empty"),
         (Some(b"demo/other"), Some(&wrong_key), "key"),
         (Some(b"demo/c"), Some(&bad_value), "invalid"),
     ];
     for (i, (key, payload, reason)) in cases.into_iter().enumerate() {
-        match b.add(&catalog(), &d, 0, i as i64, key, payload, 256) {
+        let cat = catalog();
+        let meters = Meters {
+            catalog: &cat,
+            max_dimension_chars: 256,
+        };
+        match b.add(&meters, &d, incoming(i as i64, key, payload)) {
             Outcome::Poison(p) => assert_eq!(p.reason, reason, "{}", p.detail),
             other => panic!("case {i}: {other:?}"),
         }
@@ -261,7 +281,8 @@ proptest! {
             // A retry carries the same id and the same body as the first send.
             let (model, tokens) = *first.entry(*id).or_insert((*model, *tokens));
             let rec = record(&format!("e{id}"), "c", "completion", T, json!({"tokens": tokens, "model": model.to_string()}));
-            if b.add(&cat, &d, 0, offset as i64, Some(&rec.0), Some(&rec.1), 256) == Outcome::Counted {
+            let meters = Meters { catalog: &cat, max_dimension_chars: 256 };
+            if b.add(&meters, &d, incoming(offset as i64, Some(&rec.0), Some(&rec.1))) == Outcome::Counted {
                 *expected.entry(("tokens".into(), model)).or_default() += i128::from(tokens) * 1_000_000_000;
             }
             if cuts[offset] {
