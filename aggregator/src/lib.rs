@@ -1,4 +1,10 @@
 //! The aggregator stage. So far: the versioned ClickHouse schema it writes into.
 
+pub mod http;
+pub mod kafka;
+pub mod metrics;
 pub mod migrate;
+pub mod query;
 pub mod rollup;
+pub mod service;
+pub mod store;

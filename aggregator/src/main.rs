@@ -1,43 +1,119 @@
-//! `tally-aggregator`: for now, `tally-aggregator migrate [--config FILE]` applies the
-//! ClickHouse schema in `schemas/clickhouse` (or `TALLY_SCHEMAS`).
+//! `tally-aggregator`: the aggregator service and its commands.
+//!
+//! - `tally-aggregator run [--config FILE]`: apply migrations, join the consumer group,
+//!   roll events up into ClickHouse, serve the usage API on `aggregator.listen`.
+//! - `tally-aggregator migrate [--config FILE]`: apply the ClickHouse schema only.
+//!
+//! `TALLY_CONFIG` names the file when `--config` is absent; `TALLY_LOG` sets the log
+//! filter, `TALLY_LOG_FORMAT=json` switches to JSON lines.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use tally_aggregator::{http, kafka, migrate, service};
 use tally_core::Config;
+
+const USAGE: &str = "usage: tally-aggregator run|migrate [--config FILE]";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
     let mut args = std::env::args().skip(1);
     let command = args.next().unwrap_or_default();
     let mut path = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--config" => path = Some(args.next().context("--config needs a file")?),
-            other => anyhow::bail!("unknown argument {other:?}"),
+            other => anyhow::bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
+    let config = Config::load(path.as_deref().map(std::path::Path::new))?;
     match command.as_str() {
         "migrate" => {
-            let config = Config::load(path.as_deref().map(std::path::Path::new))?;
-            let dir = tally_aggregator::migrate::default_dir();
-            let migrations = tally_aggregator::migrate::load(&dir)?;
-            let applied = tally_aggregator::migrate::apply(&config.clickhouse, &migrations)
-                .await
-                .with_context(|| format!("applying migrations to {}", config.clickhouse.url))?;
+            let applied = apply_migrations(&config, false).await?;
             println!(
-                "clickhouse {} database {}: {} migration(s) known, applied now: {:?}",
-                config.clickhouse.url,
-                config.clickhouse.database,
-                migrations.len(),
-                applied
+                "clickhouse {} database {}: applied now: {applied:?}",
+                config.clickhouse.url, config.clickhouse.database
             );
             Ok(())
         }
-        _ => anyhow::bail!("usage: tally-aggregator migrate [--config FILE]"),
+        "run" => run(config).await,
+        _ => anyhow::bail!(USAGE),
     }
+}
+
+async fn apply_migrations(config: &Config, wait: bool) -> anyhow::Result<Vec<u32>> {
+    let migrations = migrate::load(&migrate::default_dir())?;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match migrate::apply(&config.clickhouse, &migrations).await {
+            Ok(applied) => return Ok(applied),
+            Err(e) if wait && e.is_retryable() => {
+                tracing::warn!(error = %e, "clickhouse unavailable; waiting to apply migrations");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("applying migrations to {}", config.clickhouse.url))
+            }
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    tally_aggregator::metrics::prometheus();
+    apply_migrations(&config, true).await?;
+    let mut backoff = Duration::from_millis(200);
+    for topic in [&config.kafka.topic, &config.aggregator.dead_letter_topic] {
+        while let Err(e) = kafka::ensure_topic(&config.kafka, topic).await {
+            tracing::warn!(error = %e, %topic, "broker unavailable; waiting to create the topic");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+    let status = Arc::new(service::Status::default());
+    let (stop_http, stopped) = tokio::sync::watch::channel(false);
+    let api = Arc::new(http::Api::new(&config, status.clone()));
+    let (addr, http_task) = http::serve(&config.aggregator.listen, api, stopped)
+        .await
+        .with_context(|| format!("listening on {}", config.aggregator.listen))?;
+    tracing::info!(%addr, "usage API listening");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let aggregator = service::Aggregator::new(
+        config,
+        tokio::runtime::Handle::current(),
+        stop.clone(),
+        status,
+    );
+    let consumer = std::thread::Builder::new()
+        .name("consumer".into())
+        .spawn(move || aggregator.run())?;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("signal received: flushing and leaving the group");
+    stop.store(true, Ordering::Release);
+    let joined = tokio::task::spawn_blocking(move || consumer.join()).await?;
+    let _ = stop_http.send(true);
+    let _ = http_task.await;
+    match joined {
+        Ok(result) => result.context("consumer")?,
+        Err(_) => anyhow::bail!("consumer thread panicked"),
+    }
+    tracing::info!("aggregator stopped");
+    Ok(())
 }

@@ -19,6 +19,18 @@ pub enum Aggregation {
 }
 
 impl Aggregation {
+    /// The name as configuration spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sum => "SUM",
+            Self::Count => "COUNT",
+            Self::Min => "MIN",
+            Self::Max => "MAX",
+            Self::UniqueCount => "UNIQUE_COUNT",
+            Self::Latest => "LATEST",
+        }
+    }
+
     /// Whether the value field must be a decimal number (every aggregation but COUNT and
     /// UNIQUE_COUNT, which count events or distinct identifiers).
     pub fn needs_number(self) -> bool {

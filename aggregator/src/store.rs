@@ -1,0 +1,129 @@
+//! The ClickHouse edge: the flush insert, checkpoints, and dedupe state.
+//!
+//! "Flushed" means one INSERT into `ingest_ledger` returned success: its events, rollup
+//! deltas and checkpoints are then all in ClickHouse (see `V2__rollups.sql`). A failed or
+//! timed-out insert may still have landed; callers never retry one blindly but reload the
+//! checkpoints, which say exactly what landed.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use clickhouse::Client;
+use tally_core::config::ClickHouseConfig;
+
+use crate::rollup::{Dedupe, EventKey, LedgerRow};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    #[error("clickhouse did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Rows a ClickHouse INSERT body may hold and still be one block (one atomic write).
+pub const MAX_ROWS_PER_INSERT: usize = 1_000_000;
+
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    timeout: Duration,
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct CheckpointRow {
+    kafka_partition: u32,
+    last_offset: u64,
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct SeenRow {
+    tenant: String,
+    id: String,
+    received_at: u32,
+}
+
+impl Store {
+    pub fn new(config: &ClickHouseConfig, timeout: Duration) -> Store {
+        Store {
+            client: crate::migrate::client(config),
+            timeout,
+        }
+    }
+
+    async fn bounded<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::time::timeout(self.timeout, f)
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))?
+    }
+
+    /// Writes one flush as a single INSERT.
+    pub async fn insert(&self, rows: &[LedgerRow]) -> Result<()> {
+        self.bounded(async {
+            let mut insert = self
+                .client
+                .insert::<LedgerRow>("ingest_ledger")
+                .await?
+                .with_setting("max_insert_block_size", MAX_ROWS_PER_INSERT.to_string());
+            for row in rows {
+                insert.write(row).await?;
+            }
+            insert.end().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The last offset flushed for each partition of `topic` that has one.
+    pub async fn checkpoints(&self, topic: &str) -> Result<HashMap<i32, i64>> {
+        self.bounded(async {
+            let rows: Vec<CheckpointRow> = self
+                .client
+                .query(
+                    "SELECT kafka_partition, max(kafka_offset) AS last_offset FROM aggregator_checkpoints \
+                     WHERE topic = ? GROUP BY kafka_partition",
+                )
+                .bind(topic)
+                .fetch_all()
+                .await?;
+            Ok(rows
+                .into_iter()
+                .map(|r| (r.kafka_partition as i32, r.last_offset as i64))
+                .collect())
+        })
+        .await
+    }
+
+    /// The ids a partition counted since `since` (unix seconds): its dedupe state.
+    pub async fn load_dedupe(&self, partition: i32, since: u32) -> Result<Dedupe> {
+        self.bounded(async {
+            let mut cursor = self
+                .client
+                .query(
+                    "SELECT tenant, id, toUInt32(received_at) AS received_at FROM events_raw \
+                     WHERE kafka_partition = ? AND received_at >= toDateTime(?, 'UTC')",
+                )
+                .bind(partition as u32)
+                .bind(since)
+                .fetch::<SeenRow>()?;
+            let mut dedupe = Dedupe::default();
+            while let Some(row) = cursor.next().await? {
+                dedupe.insert(EventKey::new(&row.tenant, &row.id), row.received_at);
+            }
+            Ok(dedupe)
+        })
+        .await
+    }
+
+    /// Whether ClickHouse answers.
+    pub async fn ping(&self) -> Result<()> {
+        self.bounded(async {
+            self.client.query("SELECT 1").execute().await?;
+            Ok(())
+        })
+        .await
+    }
+}
