@@ -21,7 +21,9 @@ const USAGE: &str = "usage: tally-aggregator run|migrate [--config FILE]";
 async fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {
@@ -82,6 +84,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let status = Arc::new(service::Status::default());
+    status.clickhouse_ok.store(true, Ordering::Release);
     let (stop_http, stopped) = tokio::sync::watch::channel(false);
     let api = Arc::new(http::Api::new(&config, status.clone()));
     let (addr, http_task) = http::serve(&config.aggregator.listen, api, stopped)
