@@ -76,7 +76,8 @@ fn stream(seed: u64, n: usize, prefix: &str) -> Vec<Ev> {
 /// computed here from the events alone.
 fn expected(events: &[Ev], meter: &str, off: i64) -> BTreeMap<(i64, String, String), String> {
     let mut seen = BTreeSet::new();
-    let mut acc: BTreeMap<(i64, String, String), Vec<(i64, Quantity, String)>> = BTreeMap::new();
+    type Window = (i64, String, String);
+    let mut acc: BTreeMap<Window, Vec<(i64, Quantity, String)>> = BTreeMap::new();
     for e in events {
         if !seen.insert(e.id.clone()) {
             continue;

@@ -145,7 +145,7 @@ impl Pipeline {
             let behind: Vec<_> = ends
                 .iter()
                 .filter(|(p, (_, high))| {
-                    *high > 0 && checkpoints.get(p).map_or(true, |c| c + 1 < *high)
+                    *high > 0 && checkpoints.get(p).is_none_or(|c| c + 1 < *high)
                 })
                 .collect();
             if behind.is_empty() {
