@@ -18,9 +18,10 @@ START_TIMEOUT="${TALLY_SERVICES_START_TIMEOUT:-30}"
 STOP_TIMEOUT="${TALLY_SERVICES_STOP_TIMEOUT:-20}"
 
 # name → binary and the address whose /healthz and /readyz it serves.
-SERVICES=(collector)
-declare -A BINARY=([collector]=tally-ingest)
-declare -A ADDR=([collector]=127.0.0.1:8700)
+SERVICES=(collector aggregator)
+declare -A BINARY=([collector]=tally-ingest [aggregator]=tally-aggregator)
+declare -A ARGS=([collector]="" [aggregator]="run")
+declare -A ADDR=([collector]=127.0.0.1:8700 [aggregator]=127.0.0.1:8701)
 
 pid_of() {
     local f="$STATE/$1.pid" pid
@@ -51,7 +52,8 @@ up() {
             exit 1
         fi
         [[ -x "$BIN/${BINARY[$svc]}" ]] || { echo "services: $BIN/${BINARY[$svc]} missing; run make up" >&2; exit 1; }
-        nohup "$BIN/${BINARY[$svc]}" >>"$STATE/$svc.log" 2>&1 </dev/null &
+        # shellcheck disable=SC2086 # ARGS holds whole words
+        nohup "$BIN/${BINARY[$svc]}" ${ARGS[$svc]} >>"$STATE/$svc.log" 2>&1 </dev/null &
         echo $! >"$STATE/$svc.pid"
         local deadline=$((SECONDS + START_TIMEOUT))
         until answers "$svc" /readyz; do
@@ -72,6 +74,7 @@ up() {
 }
 
 down() {
+    # In order: the collector stops taking events before the aggregator drains.
     for svc in "${SERVICES[@]}"; do
         local pid
         if ! pid="$(pid_of "$svc")"; then

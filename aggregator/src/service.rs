@@ -264,6 +264,7 @@ impl Aggregator {
         let mut dlq: Dlq = Vec::new();
         let mut pending = 0usize;
         let mut oldest_pending: Option<Instant> = None;
+        let mut last_eviction = Instant::now();
         loop {
             let stopping = self.stop.load(Ordering::Acquire);
             let polled = if stopping {
@@ -306,6 +307,16 @@ impl Aggregator {
             }
             if stopping {
                 break;
+            }
+            if last_eviction.elapsed() >= Duration::from_secs(60) {
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                let oldest = (now - agg.dedupe_window_secs as i64).max(0) as u32;
+                for part in parts.values_mut() {
+                    part.dedupe.evict_before(oldest);
+                }
+                let held: usize = parts.values().map(|p| p.dedupe.len()).sum();
+                metrics::gauge!(DEDUPE_IDS).set(held as f64);
+                last_eviction = Instant::now();
             }
         }
         self.status.consuming.store(false, Ordering::Release);

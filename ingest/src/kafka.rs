@@ -203,12 +203,13 @@ impl EventSink for Arc<KafkaSink> {
         }
         let started = Instant::now();
         let mut pending = Vec::with_capacity(records.len());
-        let mut failures = Vec::new();
+        let mut failures: Vec<(usize, SinkError)> = Vec::new();
         for (i, record) in records.iter().enumerate() {
-            if !failures.is_empty() {
-                // The queue refused one: refuse the rest of the request rather than
-                // interleave with other requests' records.
-                failures.push((i, SinkError::QueueFull));
+            if let Some((_, first)) = failures.first() {
+                // The producer refused one: refuse the rest of the request for the same
+                // reason rather than store a gap-filled remainder.
+                let first = first.clone();
+                failures.push((i, first));
                 continue;
             }
             let key = record.key();
