@@ -476,3 +476,67 @@ async fn wait_for_partitions(i: &Instance, ok: impl Fn(u64) -> bool) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_leaving_gracefully_and_joining_mid_stream_keep_totals_exact() {
+    let pipeline = Pipeline::new("membership");
+    let events = stream(23, 15_000, "m");
+    let producer = producer();
+    let mut a = pipeline.start(0).await;
+    let mut b = pipeline.start(1).await;
+    let mut c = pipeline.start(2).await;
+    produce(&producer, &pipeline.topic, &events[..5000]).await;
+    for i in [&a, &b, &c] {
+        wait_for_partitions(i, |n| n > 0).await;
+    }
+    c.stop().await;
+    produce(&producer, &pipeline.topic, &events[5000..10_000]).await;
+    let mut d = pipeline.start(3).await;
+    produce(&producer, &pipeline.topic, &events[10_000..]).await;
+    wait_for_partitions(&d, |n| n > 0).await;
+    pipeline.wait_caught_up(Duration::from_secs(120)).await;
+    assert_eq!(
+        api_totals(&d, &["requests", "tokens", "active_users"]).await,
+        expected_totals(&events)
+    );
+    for i in [&mut a, &mut b, &mut d] {
+        i.stop().await;
+    }
+    pipeline.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clickhouse_outage_mid_stream_loses_nothing_once_it_is_back() {
+    let mut ch = TestClickHouse::start().await;
+    let mut pipeline = Pipeline::new("outage");
+    pipeline.clickhouse = ch.url();
+    let events = stream(5, 12_000, "o");
+    let producer = producer();
+    let mut instance = pipeline.start(0).await;
+    produce(&producer, &pipeline.topic, &events[..4000]).await;
+    pipeline.wait_caught_up(Duration::from_secs(60)).await;
+
+    ch.kill().await;
+    produce(&producer, &pipeline.topic, &events[4000..8000]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while get(&format!("http://{}/readyz", instance.addr)).await.0 != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz never reported the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ch.restart().await;
+    produce(&producer, &pipeline.topic, &events[8000..]).await;
+    pipeline.wait_caught_up(Duration::from_secs(120)).await;
+    assert_eq!(
+        get(&format!("http://{}/readyz", instance.addr)).await.0,
+        200
+    );
+    assert_eq!(
+        api_totals(&instance, &["requests", "tokens", "active_users"]).await,
+        expected_totals(&events)
+    );
+    instance.stop().await;
+}

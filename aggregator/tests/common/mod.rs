@@ -70,6 +70,8 @@ group_by = ["endpoint"]
 
 /// One pipeline under test: its topic, database and consumer group.
 pub struct Pipeline {
+    /// ClickHouse this pipeline writes to (the shared local server unless a test has its own).
+    pub clickhouse: String,
     pub topic: String,
     pub database: String,
     pub group: String,
@@ -84,6 +86,7 @@ impl Pipeline {
         std::fs::create_dir_all(&dir).expect("test dir");
         let config = write_config(&dir);
         Pipeline {
+            clickhouse: clickhouse_url(),
             topic: format!("agg-{id}"),
             database: format!("t_{id}"),
             group: format!("g-{id}"),
@@ -106,7 +109,7 @@ impl Pipeline {
             .env("TALLY_CONFIG", &self.config)
             .env("TALLY_KAFKA_BROKERS", brokers())
             .env("TALLY_KAFKA_TOPIC", &self.topic)
-            .env("TALLY_CLICKHOUSE_URL", clickhouse_url())
+            .env("TALLY_CLICKHOUSE_URL", &self.clickhouse)
             .env("TALLY_CLICKHOUSE_DATABASE", &self.database)
             .env("TALLY_AGGREGATOR_GROUP", &self.group)
             .env("TALLY_AGGREGATOR_LISTEN", format!("127.0.0.1:{port}"))
@@ -164,7 +167,9 @@ impl Pipeline {
             "SELECT kafka_partition, max(kafka_offset) FROM {}.aggregator_checkpoints WHERE topic = '{}' GROUP BY kafka_partition FORMAT TSV",
             self.database, self.topic
         );
-        let text = clickhouse_sql(&q).await.unwrap_or_default();
+        let text = clickhouse_sql_at(&self.clickhouse, &q)
+            .await
+            .unwrap_or_default();
         text.lines()
             .filter_map(|l| {
                 let (p, o) = l.split_once('\t')?;
@@ -174,7 +179,8 @@ impl Pipeline {
     }
 
     pub async fn drop_database(&self) {
-        let _ = clickhouse_sql(&format!("DROP DATABASE IF EXISTS {}", self.database)).await;
+        let drop = format!("DROP DATABASE IF EXISTS {}", self.database);
+        let _ = clickhouse_sql_at(&self.clickhouse, &drop).await;
     }
 }
 
@@ -249,8 +255,12 @@ pub async fn get_with_key(url: &str, key: Option<&str>) -> (u16, String) {
 }
 
 pub async fn clickhouse_sql(q: &str) -> Option<String> {
+    clickhouse_sql_at(&clickhouse_url(), q).await
+}
+
+pub async fn clickhouse_sql_at(url: &str, q: &str) -> Option<String> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let req = http::Request::post(clickhouse_url())
+    let req = http::Request::post(url)
         .body(Full::new(Bytes::from(q.to_owned())))
         .expect("request");
     let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
@@ -409,4 +419,93 @@ pub async fn api_totals(
 
 pub fn json_tokens(n: u64) -> Value {
     json!(format!("{}.{:03}", n / 1000, n % 1000))
+}
+
+/// A private ClickHouse server (Debian's clickhouse-server) that a test may stop.
+pub struct TestClickHouse {
+    dir: PathBuf,
+    pub http_port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl TestClickHouse {
+    pub async fn start() -> TestClickHouse {
+        let dir = std::env::temp_dir().join(unique("clickhouse"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::copy("/etc/clickhouse-server/users.xml", dir.join("users.xml"))
+            .expect("users.xml (is clickhouse-server installed?)");
+        let (http_port, tcp_port) = (free_port(), free_port());
+        let d = dir.display();
+        let config = format!(
+            r#"<?xml version="1.0"?>
+<yandex>
+    <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/error.log</errorlog></logger>
+    <http_port>{http_port}</http_port>
+    <tcp_port>{tcp_port}</tcp_port>
+    <listen_host>127.0.0.1</listen_host>
+    <path>{d}/data/</path>
+    <tmp_path>{d}/tmp/</tmp_path>
+    <user_files_path>{d}/user_files/</user_files_path>
+    <format_schema_path>{d}/format_schemas/</format_schema_path>
+    <users_config>{d}/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mark_cache_size>268435456</mark_cache_size>
+</yandex>
+"#
+        );
+        std::fs::write(dir.join("config.xml"), config).expect("config");
+        let mut ch = TestClickHouse {
+            dir,
+            http_port,
+            child: None,
+        };
+        ch.restart().await;
+        ch
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub async fn restart(&mut self) {
+        let out = std::fs::File::create(self.dir.join("stdout.log")).expect("log");
+        let child = tokio::process::Command::new("clickhouse-server")
+            .arg(format!(
+                "--config-file={}",
+                self.dir.join("config.xml").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn clickhouse-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while clickhouse_sql_at(&self.url(), "SELECT 1").await.as_deref() != Some("1\n") {
+            let log = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
+            assert!(
+                Instant::now() < deadline,
+                "test clickhouse did not answer in 30 s:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: the server vanishes mid-whatever, as in a crash or a network cut.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.expect("kill clickhouse");
+        }
+    }
+}
+
+impl Drop for TestClickHouse {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
