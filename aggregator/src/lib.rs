@@ -5,6 +5,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod migrate;
 pub mod query;
+pub mod rebuild;
 pub mod rollup;
 pub mod service;
 pub mod store;

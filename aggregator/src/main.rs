@@ -3,6 +3,8 @@
 //! - `tally-aggregator run [--config FILE]`: apply migrations, join the consumer group,
 //!   roll events up into ClickHouse, serve the usage API on `aggregator.listen`.
 //! - `tally-aggregator migrate [--config FILE]`: apply the ClickHouse schema only.
+//! - `tally-aggregator rebuild --meter KEY [--config FILE]`: fill the rollups of the
+//!   meter's current definition from the raw events (safe while ingest runs).
 //!
 //! `TALLY_CONFIG` names the file when `--config` is absent; `TALLY_LOG` sets the log
 //! filter, `TALLY_LOG_FORMAT=json` switches to JSON lines.
@@ -15,7 +17,8 @@ use anyhow::Context;
 use tally_aggregator::{http, kafka, migrate, service};
 use tally_core::Config;
 
-const USAGE: &str = "usage: tally-aggregator run|migrate [--config FILE]";
+const USAGE: &str =
+    "usage: tally-aggregator run|migrate [--config FILE] | rebuild --meter KEY [--config FILE]";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -32,9 +35,11 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let command = args.next().unwrap_or_default();
     let mut path = None;
+    let mut meters = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--config" => path = Some(args.next().context("--config needs a file")?),
+            "--meter" => meters.push(args.next().context("--meter needs a meter key")?),
             other => anyhow::bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
@@ -49,6 +54,35 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         "run" => run(config).await,
+        "rebuild" => {
+            anyhow::ensure!(!meters.is_empty(), "rebuild needs --meter KEY; {USAGE}");
+            apply_migrations(&config, false).await?;
+            let store =
+                tally_aggregator::store::Store::new(&config.clickhouse, Duration::from_secs(120));
+            let catalog = config.catalog();
+            for key in meters {
+                let meter = catalog
+                    .meter(&key)
+                    .with_context(|| format!("--meter: no meter {key:?} in the configuration"))?;
+                let report = tally_aggregator::rebuild::rebuild(
+                    &store,
+                    &config.kafka.topic,
+                    meter,
+                    config.validation.max_dimension_chars,
+                    200_000,
+                )
+                .await
+                .with_context(|| format!("rebuilding {key}"))?;
+                println!(
+                    "rebuilt {key} ({}): {} range(s), {} event(s), {} row(s) written",
+                    meter.storage_key(),
+                    report.ranges,
+                    report.events,
+                    report.rows
+                );
+            }
+            Ok(())
+        }
         _ => anyhow::bail!(USAGE),
     }
 }

@@ -242,7 +242,10 @@ pub fn sql(q: &UsageQuery, tenant: &str) -> Sql {
             .collect();
         format!("[{}]", items.join(", "))
     };
-    let mut binds = vec![Bind::Str(tenant.to_owned()), Bind::Str(q.meter.key.clone())];
+    let mut binds = vec![
+        Bind::Str(tenant.to_owned()),
+        Bind::Str(q.meter.storage_key()),
+    ];
     let mut conditions = vec!["tenant = ?".to_owned(), "meter = ?".to_owned()];
     if let Some(c) = &q.customer {
         conditions.push("customer = ?".into());

@@ -15,6 +15,7 @@ use tally_core::{measure, Aggregation, Catalog, MeterValue, Quantity, UsageRecor
 pub const KIND_EVENT: u8 = 1;
 pub const KIND_ROLLUP: u8 = 2;
 pub const KIND_CHECKPOINT: u8 = 3;
+pub const KIND_COVERAGE: u8 = 4;
 
 /// One row of the single insert a flush makes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, clickhouse::Row, Serialize)]
@@ -119,11 +120,31 @@ struct Acc {
     latest_at: u64,
 }
 
-/// The meter catalog and the limits measuring reads with.
-#[derive(Debug, Clone, Copy)]
+/// The meter catalog, each meter's storage key, and the limits measuring reads with.
+#[derive(Debug, Clone)]
 pub struct Meters<'a> {
     pub catalog: &'a Catalog,
     pub max_dimension_chars: usize,
+    storage: HashMap<String, String>,
+}
+
+impl<'a> Meters<'a> {
+    pub fn new(catalog: &'a Catalog, max_dimension_chars: usize) -> Meters<'a> {
+        let storage = catalog
+            .meters()
+            .iter()
+            .map(|m| (m.key.clone(), m.storage_key()))
+            .collect();
+        Meters {
+            catalog,
+            max_dimension_chars,
+            storage,
+        }
+    }
+
+    fn storage_key<'s>(&'s self, meter: &'s str) -> &'s str {
+        self.storage.get(meter).map_or(meter, String::as_str)
+    }
 }
 
 /// One record as read from Kafka.
@@ -151,7 +172,8 @@ pub struct PartitionBatch {
     uniques: HashMap<(GroupKey, String), u64>,
     new_keys: HashSet<EventKey>,
     new_key_times: Vec<(EventKey, u32)>,
-    /// Last offset read (counted, duplicate or poison alike).
+    /// First and last offset read (counted, duplicate or poison alike).
+    pub first_offset: Option<i64>,
     pub last_offset: Option<i64>,
     /// Records read into this batch.
     pub records: usize,
@@ -166,13 +188,32 @@ impl PartitionBatch {
             key,
             payload,
         } = incoming;
-        let (catalog, max_dimension_chars) = (meters.catalog, meters.max_dimension_chars);
+        self.note_offset(offset);
+        match decode(key, payload) {
+            Ok(record) => self.add_record(meters, dedupe, partition, offset, record),
+            Err(p) => Outcome::Poison(p),
+        }
+    }
+
+    fn note_offset(&mut self, offset: i64) {
+        self.first_offset.get_or_insert(offset);
         self.last_offset = Some(offset);
         self.records += 1;
-        let record = match decode(key, payload) {
-            Ok(r) => r,
-            Err(p) => return Outcome::Poison(p),
-        };
+    }
+
+    /// Adds a decoded record (the rebuild reads them from `events_raw`).
+    pub fn add_record(
+        &mut self,
+        meters: &Meters<'_>,
+        dedupe: &Dedupe,
+        partition: i32,
+        offset: i64,
+        record: UsageRecord,
+    ) -> Outcome {
+        if self.last_offset != Some(offset) {
+            self.note_offset(offset);
+        }
+        let (catalog, max_dimension_chars) = (meters.catalog, meters.max_dimension_chars);
         let event_key = EventKey::new(&record.tenant, &record.id);
         if dedupe.contains(&event_key) || self.new_keys.contains(&event_key) {
             return Outcome::Duplicate;
@@ -205,7 +246,7 @@ impl PartitionBatch {
             let group = GroupKey {
                 tenant: record.tenant.clone(),
                 customer: record.customer.clone(),
-                meter: meter.key.clone(),
+                meter: meters.storage_key(&meter.key).to_owned(),
                 hour,
                 dims: m.dimensions,
             };
@@ -270,9 +311,42 @@ impl PartitionBatch {
         Outcome::Counted
     }
 
-    /// The rows of this batch for the flush insert, ending with its checkpoint.
-    pub fn rows(&self, topic: &str, partition: i32, now: u32, out: &mut Vec<LedgerRow>) {
+    /// The rows of this batch for the flush insert: new events, rollup deltas, the offset
+    /// range each meter version now covers, and the checkpoint.
+    pub fn rows(
+        &self,
+        meters: &Meters<'_>,
+        topic: &str,
+        partition: i32,
+        now: u32,
+        out: &mut Vec<LedgerRow>,
+    ) {
         out.extend(self.events.iter().cloned());
+        self.rollup_rows(out);
+        if let (Some(first), Some(last)) = (self.first_offset, self.last_offset) {
+            for meter in meters.catalog.meters() {
+                out.push(coverage_row(
+                    topic,
+                    meters.storage_key(&meter.key),
+                    partition,
+                    (first, last),
+                    "live",
+                    now,
+                ));
+            }
+            out.push(LedgerRow {
+                kind: KIND_CHECKPOINT,
+                topic: topic.to_owned(),
+                kafka_partition: partition as u32,
+                kafka_offset: last as u64,
+                received_at: now,
+                ..LedgerRow::default()
+            });
+        }
+    }
+
+    /// Only the rollup deltas (what a rebuild writes).
+    pub fn rollup_rows(&self, out: &mut Vec<LedgerRow>) {
         for (g, a) in &self.groups {
             out.push(LedgerRow {
                 kind: KIND_ROLLUP,
@@ -303,16 +377,6 @@ impl PartitionBatch {
                 ..LedgerRow::default()
             });
         }
-        if let Some(offset) = self.last_offset {
-            out.push(LedgerRow {
-                kind: KIND_CHECKPOINT,
-                topic: topic.to_owned(),
-                kafka_partition: partition as u32,
-                kafka_offset: offset as u64,
-                received_at: now,
-                ..LedgerRow::default()
-            });
-        }
     }
 
     /// After the flush landed: its ids join the partition's dedupe state.
@@ -328,6 +392,28 @@ impl PartitionBatch {
 
     pub fn counted(&self) -> usize {
         self.events.len()
+    }
+}
+
+/// A `meter_coverage` row: `meter` counts offsets `range` of `partition` (inclusive).
+pub fn coverage_row(
+    topic: &str,
+    meter: &str,
+    partition: i32,
+    range: (i64, i64),
+    source: &str,
+    now: u32,
+) -> LedgerRow {
+    LedgerRow {
+        kind: KIND_COVERAGE,
+        topic: topic.to_owned(),
+        meter: meter.to_owned(),
+        kafka_partition: partition as u32,
+        d_count: range.0 as u64,
+        kafka_offset: range.1 as u64,
+        source: source.to_owned(),
+        received_at: now,
+        ..LedgerRow::default()
     }
 }
 

@@ -255,10 +255,7 @@ impl Aggregator {
         self.status.consuming.store(true, Ordering::Release);
         tracing::info!(%topic, group = %agg.group_id, "aggregator consuming");
 
-        let meters = Meters {
-            catalog: &self.catalog,
-            max_dimension_chars: self.config.validation.max_dimension_chars,
-        };
+        let meters = Meters::new(&self.catalog, self.config.validation.max_dimension_chars);
         let interval = Duration::from_millis(agg.flush_interval_ms);
         let mut parts: HashMap<i32, Part> = HashMap::new();
         let mut dlq: Dlq = Vec::new();
@@ -301,7 +298,7 @@ impl Aggregator {
             }
             let due = oldest_pending.is_some_and(|t| t.elapsed() >= interval);
             if pending >= agg.flush_max_records || due || (stopping && pending > 0) {
-                self.flush(&consumer, &mut parts, std::mem::take(&mut dlq));
+                self.flush(&consumer, &meters, &mut parts, std::mem::take(&mut dlq));
                 pending = 0;
                 oldest_pending = None;
             }
@@ -401,7 +398,13 @@ impl Aggregator {
     }
 
     /// Dead letters acknowledged first, then the one insert; on any failure, rewind.
-    fn flush(&self, consumer: &BaseConsumer<Ctx>, parts: &mut HashMap<i32, Part>, dlq: Dlq) {
+    fn flush(
+        &self,
+        consumer: &BaseConsumer<Ctx>,
+        meters: &Meters<'_>,
+        parts: &mut HashMap<i32, Part>,
+        dlq: Dlq,
+    ) {
         let started = Instant::now();
         let dlq_ok = self
             .rt
@@ -412,7 +415,8 @@ impl Aggregator {
         let mut rows = Vec::new();
         let mut records = 0;
         for (&p, part) in parts.iter() {
-            part.batch.rows(&self.config.kafka.topic, p, now, &mut rows);
+            part.batch
+                .rows(meters, &self.config.kafka.topic, p, now, &mut rows);
             records += part.batch.records;
         }
         if rows.is_empty() {

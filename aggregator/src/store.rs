@@ -40,6 +40,29 @@ struct CheckpointRow {
 }
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct CoverageRow {
+    meter: String,
+    offset_from: u64,
+    offset_to: u64,
+}
+
+/// One row of `events_raw`, as the rebuild reads it.
+#[derive(Debug, Clone, clickhouse::Row, serde::Deserialize)]
+pub struct RawEvent {
+    pub tenant: String,
+    pub customer: String,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub time: u32,
+    pub time_nanos: u32,
+    pub received_at: u32,
+    pub source: String,
+    pub data: String,
+    pub kafka_offset: u64,
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
 struct SeenRow {
     tenant: String,
     id: String,
@@ -114,6 +137,68 @@ impl Store {
                 dedupe.insert(EventKey::new(&row.tenant, &row.id), row.received_at);
             }
             Ok(dedupe)
+        })
+        .await
+    }
+
+    /// Offset ranges of `partition` counted for meter version `meter`, in order, and the last
+    /// offset any meter version covers there (the partition's flushed end). Both come from
+    /// one table that each flush writes in one part, so they agree.
+    pub async fn coverage(
+        &self,
+        topic: &str,
+        meter: &str,
+        partition: i32,
+    ) -> Result<(Vec<(i64, i64)>, Option<i64>)> {
+        self.bounded(async {
+            let rows: Vec<CoverageRow> = self
+                .client
+                .query(
+                    "SELECT meter, offset_from, offset_to FROM meter_coverage \
+                     WHERE topic = ? AND kafka_partition = ? ORDER BY offset_from",
+                )
+                .bind(topic)
+                .bind(partition as u32)
+                .fetch_all()
+                .await?;
+            let end = rows.iter().map(|r| r.offset_to as i64).max();
+            let ranges = rows
+                .into_iter()
+                .filter(|r| r.meter == meter)
+                .map(|r| (r.offset_from as i64, r.offset_to as i64))
+                .collect();
+            Ok((ranges, end))
+        })
+        .await
+    }
+
+    /// Partitions of `topic` that have flushed anything.
+    pub async fn partitions(&self, topic: &str) -> Result<Vec<i32>> {
+        Ok(self.checkpoints(topic).await?.into_keys().collect())
+    }
+
+    /// The stored events of `event_type` in offsets `lo..=hi` of `partition`, in offset order.
+    pub async fn raw_events(
+        &self,
+        partition: i32,
+        (lo, hi): (i64, i64),
+        event_type: &str,
+    ) -> Result<Vec<RawEvent>> {
+        self.bounded(async {
+            Ok(self
+                .client
+                .query(
+                    "SELECT tenant, customer, id, type, toUInt32(time) AS time, time_nanos, \
+                     toUInt32(received_at) AS received_at, source, data, kafka_offset FROM events_raw \
+                     WHERE kafka_partition = ? AND kafka_offset >= ? AND kafka_offset <= ? AND type = ? \
+                     ORDER BY kafka_offset",
+                )
+                .bind(partition as u32)
+                .bind(lo as u64)
+                .bind(hi as u64)
+                .bind(event_type)
+                .fetch_all()
+                .await?)
         })
         .await
     }

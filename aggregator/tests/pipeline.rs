@@ -540,3 +540,114 @@ async fn a_clickhouse_outage_mid_stream_loses_nothing_once_it_is_back() {
     );
     instance.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_and_an_added_meter_are_rebuilt_from_raw_events_while_ingest_goes_on() {
+    let pipeline = Pipeline::new("rebuild");
+    let events = stream(31, 16_000, "b");
+    let producer = producer();
+    let mut old = pipeline.start(0).await;
+    produce(&producer, &pipeline.topic, &events[..8000]).await;
+    pipeline.wait_caught_up(Duration::from_secs(60)).await;
+
+    // tokens loses its model dimension; a new meter counts completions per model.
+    let changed = pipeline
+        .config_text()
+        .replace("value = \"tokens\"\ngroup_by = [\"model\"]", "value = \"tokens\"")
+        + "\n[[meters]]\nkey = \"completions\"\nevent_type = \"completion\"\naggregation = \"COUNT\"\ngroup_by = [\"model\"]\n";
+    assert!(
+        !changed.contains("value = \"tokens\"\ngroup_by"),
+        "the test edits the tokens meter"
+    );
+    pipeline.set_config(&changed);
+    old.stop().await;
+    let instance = pipeline.start(1).await;
+    let rest = events[8000..].to_vec();
+    let topic = pipeline.topic.clone();
+    let ingest = tokio::spawn(async move {
+        let producer = common::producer();
+        for chunk in rest.chunks(1000) {
+            produce(&producer, &topic, chunk).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let first = pipeline.rebuild(&["tokens", "completions"]).await;
+    assert!(
+        first.contains("rebuilt tokens") && first.contains("rebuilt completions"),
+        "{first}"
+    );
+    let counted: Vec<u64> = first
+        .lines()
+        .filter(|l| l.starts_with("rebuilt "))
+        .filter_map(|l| {
+            l.split(", ")
+                .nth(1)?
+                .strip_suffix(" event(s)")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        counted.len() == 2 && counted.iter().all(|&n| n > 0),
+        "the first run counts the history: {first}"
+    );
+    ingest.await.expect("producer");
+    pipeline.wait_caught_up(Duration::from_secs(60)).await;
+    let again = pipeline.rebuild(&["tokens", "completions"]).await;
+    assert!(
+        again.contains("0 event(s)"),
+        "a second run finds nothing left to count: {again}"
+    );
+
+    let want = expected_totals(&events);
+    let got = api_totals(&instance, &["tokens"]).await;
+    let want_tokens: BTreeMap<_, _> = want
+        .iter()
+        .filter(|((m, _), _)| m == "tokens")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(got, want_tokens);
+    let url = format!(
+        "http://{}/v1/usage?meter=tokens&group_by=model",
+        instance.addr
+    );
+    let (status, body) = get_with_key(&url, Some("demo-key")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            400,
+            r#"{"error":"group_by: meter tokens has no dimension \"model\""}"#
+        )
+    );
+
+    let mut completions: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for e in events.iter().filter(|e| e.ty == "completion") {
+        if seen.insert(e.id.clone()) {
+            *completions
+                .entry((
+                    e.customer.clone(),
+                    e.data["model"].as_str().expect("model").to_owned(),
+                ))
+                .or_default() += 1;
+        }
+    }
+    let answer = instance
+        .usage("meter=completions&group_by=customer,model")
+        .await;
+    let got: BTreeMap<(String, String), u64> = answer["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|r| {
+            let key = (
+                r["customer"].as_str().expect("c").to_owned(),
+                r["dimensions"]["model"].as_str().expect("m").to_owned(),
+            );
+            (key, r["value"].as_str().expect("v").parse().expect("count"))
+        })
+        .collect();
+    assert_eq!(got, completions);
+    drop(instance);
+    pipeline.drop_database().await;
+}

@@ -63,6 +63,24 @@ pub struct Meter {
     pub description: String,
 }
 
+impl Meter {
+    /// Where this meter's rollups are stored: its key and a fingerprint of its definition.
+    /// Changing what a meter reads or how it aggregates gives it new, empty rollups that
+    /// `tally-aggregator rebuild` fills from the raw events; the old ones stay untouched.
+    pub fn storage_key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let definition = format!(
+            "{}\u{1f}{}\u{1f}{}\u{1f}{}",
+            self.event_type,
+            self.aggregation.name(),
+            self.value.as_deref().unwrap_or(""),
+            self.group_by.join("\u{1e}")
+        );
+        let digest = Sha256::digest(definition.as_bytes());
+        format!("{}@{}", self.key, hex::encode(&digest[..4]))
+    }
+}
+
 /// A configuration mistake in the meter catalog.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("meter {meter:?}: {field}: {reason}")]
@@ -220,6 +238,26 @@ mod tests {
         let mut m = meter("a", Aggregation::Count, None);
         m.group_by = vec!["x".into(), "x".into()];
         assert_eq!(Catalog::new(vec![m]).expect_err("dup").field, "group_by");
+    }
+
+    #[test]
+    fn storage_keys_follow_the_definition_not_the_description() {
+        let a = meter("tokens", Aggregation::Sum, Some("tokens"));
+        let mut described = a.clone();
+        described.description = "LLM tokens".into();
+        assert_eq!(a.storage_key(), described.storage_key());
+        assert!(
+            a.storage_key().starts_with("tokens@") && a.storage_key().len() == "tokens@".len() + 8
+        );
+        let mut grouped = a.clone();
+        grouped.group_by = vec!["model".into()];
+        let mut other_value = a.clone();
+        other_value.value = Some("usage.tokens".into());
+        let mut other_agg = a.clone();
+        other_agg.aggregation = Aggregation::Max;
+        for changed in [grouped, other_value, other_agg] {
+            assert_ne!(a.storage_key(), changed.storage_key());
+        }
     }
 
     #[test]

@@ -90,7 +90,7 @@ fn sql_groups_windows_dimensions_and_filters() {
         s.binds,
         [
             Bind::Str("demo".into()),
-            Bind::Str("tokens".into()),
+            Bind::Str(catalog().meter("tokens").expect("tokens").storage_key()),
             Bind::Str("c1".into()),
             Bind::Int(1_793_484_000),
             Bind::Int(1_796_076_000),

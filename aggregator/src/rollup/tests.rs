@@ -35,16 +35,13 @@ fn incoming<'a>(offset: i64, key: Option<&'a [u8]>, payload: Option<&'a [u8]>) -
 
 fn add(b: &mut PartitionBatch, d: &Dedupe, offset: i64, rec: &(Vec<u8>, Vec<u8>)) -> Outcome {
     let cat = catalog();
-    let meters = Meters {
-        catalog: &cat,
-        max_dimension_chars: 256,
-    };
+    let meters = Meters::new(&cat, 256);
     b.add(&meters, d, incoming(offset, Some(&rec.0), Some(&rec.1)))
 }
 
 fn rollups(b: &PartitionBatch) -> Vec<LedgerRow> {
     let mut rows = Vec::new();
-    b.rows("t", 0, 0, &mut rows);
+    b.rollup_rows(&mut rows);
     rows.retain(|r| r.kind == KIND_ROLLUP);
     rows.sort_by(|a, b| {
         (&a.meter, a.hour, &a.dim_values, &a.d_unique).cmp(&(
@@ -77,9 +74,10 @@ fn sums_counts_and_extremes_per_hour_and_dimension() {
     let rows = rollups(&b);
     assert_eq!(rows.len(), 2);
     let a = &rows[0];
+    let tokens = catalog().meter("tokens").expect("tokens").storage_key();
     assert_eq!(
         (a.meter.as_str(), a.hour, a.dim_values.clone()),
-        ("tokens", HOUR_10, vec!["a".to_owned()])
+        (tokens.as_str(), HOUR_10, vec!["a".to_owned()])
     );
     assert_eq!(
         (a.d_count, a.d_sum, a.d_min, a.d_max),
@@ -211,27 +209,36 @@ fn poison_is_named_and_still_moves_the_offset() {
     ];
     for (i, (key, payload, reason)) in cases.into_iter().enumerate() {
         let cat = catalog();
-        let meters = Meters {
-            catalog: &cat,
-            max_dimension_chars: 256,
-        };
+        let meters = Meters::new(&cat, 256);
         match b.add(&meters, &d, incoming(i as i64, key, payload)) {
             Outcome::Poison(p) => assert_eq!(p.reason, reason, "{}", p.detail),
             other => panic!("case {i}: {other:?}"),
         }
     }
     let mut rows = Vec::new();
-    b.rows("topic-a", 3, 7, &mut rows);
-    assert_eq!(rows.len(), 1);
+    let cat = catalog();
+    b.rows(&Meters::new(&cat, 256), "topic-a", 3, 7, &mut rows);
+    let last = rows.last().expect("checkpoint");
     assert_eq!(
         (
-            rows[0].kind,
-            rows[0].kafka_partition,
-            rows[0].kafka_offset,
-            rows[0].topic.as_str()
+            last.kind,
+            last.kafka_partition,
+            last.kafka_offset,
+            last.topic.as_str()
         ),
         (KIND_CHECKPOINT, 3, 3, "topic-a")
     );
+    let coverage: Vec<_> = rows
+        .iter()
+        .filter(|r| r.kind == KIND_COVERAGE)
+        .map(|r| (r.d_count, r.kafka_offset))
+        .collect();
+    assert_eq!(
+        coverage,
+        vec![(0, 3); cat.meters().len()],
+        "every meter version covers the batch's range"
+    );
+    assert_eq!(rows.len(), cat.meters().len() + 1);
 }
 
 #[test]
@@ -248,8 +255,13 @@ fn events_of_types_no_meter_reads_are_kept_raw() {
         Outcome::Counted
     );
     let mut rows = Vec::new();
-    b.rows("t", 0, 0, &mut rows);
-    let kinds: Vec<_> = rows.iter().map(|r| r.kind).collect();
+    let cat = catalog();
+    b.rows(&Meters::new(&cat, 256), "t", 0, 0, &mut rows);
+    let kinds: Vec<_> = rows
+        .iter()
+        .map(|r| r.kind)
+        .filter(|k| *k != KIND_COVERAGE)
+        .collect();
     assert_eq!(kinds, [KIND_EVENT, KIND_CHECKPOINT]);
     assert_eq!(rows[0].data, r#"{"x":1}"#);
 }
@@ -270,10 +282,11 @@ proptest! {
         let mut got: HashMap<(String, u8), i128> = HashMap::new();
         let drain = |b: PartitionBatch, d: &mut Dedupe, got: &mut HashMap<(String, u8), i128>| {
             let mut rows = Vec::new();
-            b.rows("t", 0, 0, &mut rows);
+            b.rollup_rows(&mut rows);
             for r in rows.iter().filter(|r| r.kind == KIND_ROLLUP) {
                 let model: u8 = r.dim_values[0].parse().expect("model");
-                *got.entry((r.meter.clone(), model)).or_default() += r.d_sum;
+                let key = r.meter.split('@').next().expect("key").to_owned();
+                *got.entry((key, model)).or_default() += r.d_sum;
             }
             b.commit_into(d);
         };
@@ -281,7 +294,7 @@ proptest! {
             // A retry carries the same id and the same body as the first send.
             let (model, tokens) = *first.entry(*id).or_insert((*model, *tokens));
             let rec = record(&format!("e{id}"), "c", "completion", T, json!({"tokens": tokens, "model": model.to_string()}));
-            let meters = Meters { catalog: &cat, max_dimension_chars: 256 };
+            let meters = Meters::new(&cat, 256);
             if b.add(&meters, &d, incoming(offset as i64, Some(&rec.0), Some(&rec.1))) == Outcome::Counted {
                 *expected.entry(("tokens".into(), model)).or_default() += i128::from(tokens) * 1_000_000_000;
             }

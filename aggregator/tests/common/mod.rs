@@ -95,6 +95,43 @@ impl Pipeline {
         }
     }
 
+    /// Replaces the configuration later starts and rebuilds use.
+    pub fn set_config(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).expect("read config")
+    }
+
+    /// Runs `tally-aggregator rebuild` for these meters; returns its output.
+    pub async fn rebuild(&self, meters: &[&str]) -> String {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally-aggregator"));
+        cmd.arg("rebuild");
+        for m in meters {
+            cmd.args(["--meter", m]);
+        }
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            cmd.env("TALLY_CONFIG", &self.config)
+                .env("TALLY_KAFKA_BROKERS", brokers())
+                .env("TALLY_KAFKA_TOPIC", &self.topic)
+                .env("TALLY_CLICKHOUSE_URL", &self.clickhouse)
+                .env("TALLY_CLICKHOUSE_DATABASE", &self.database)
+                .output(),
+        )
+        .await
+        .expect("rebuild finished in 120 s")
+        .expect("run rebuild");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "rebuild failed:\n{text}");
+        text
+    }
+
     pub fn dead_letter_topic(&self) -> String {
         "usage-events-dead-letter".to_owned()
     }
