@@ -503,6 +503,7 @@ impl Aggregator {
                         if let Some(part) = parts.get_mut(&p) {
                             part.dedupe = dedupe;
                         }
+                        tracing::info!(partition = p, ?offset, "rewinding");
                         self.rewind(consumer, p, offset);
                     }
                     if let Ok(assigned) = consumer.assignment() {
@@ -525,7 +526,7 @@ impl Aggregator {
         let topic = &self.config.kafka.topic;
         if let Err(e) = consumer.seek(topic, partition, offset, Duration::from_secs(5)) {
             // A partition that has not started fetching cannot seek: reassign it instead.
-            tracing::debug!(error = %e, partition, "seek failed; reassigning");
+            tracing::warn!(error = %e, partition, "seek failed; reassigning");
             let mut tpl = TopicPartitionList::new();
             let _ = tpl.add_partition_offset(topic, partition, offset);
             let _ = consumer.incremental_unassign(&tpl);

@@ -6,6 +6,12 @@
 -- `aggregator_checkpoints`. One INSERT body is one block, so a killed aggregator leaves
 -- all three or none: a restart resumes from the checkpoints and its dedupe state is the
 -- raw events table, which is never ahead of the rollups it guards.
+--
+-- ClickHouse pushes a block to a table's views one after another, in the order of their
+-- names, so the names order the writes: raw events, rollups, then the checkpoint. Whoever
+-- sees a checkpoint sees that flush's rollups. (The views are written apart, so a
+-- ClickHouse server crash in the middle of one insert could leave part of a flush; a
+-- killed aggregator cannot.)
 CREATE TABLE IF NOT EXISTS ingest_ledger
 (
     -- 1 = event (to events_raw), 2 = rollup delta, 3 = checkpoint
@@ -69,13 +75,13 @@ ENGINE = MergeTree
 PARTITION BY toYYYYMM(flushed_at)
 ORDER BY (topic, kafka_partition, kafka_offset);
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS ledger_to_events_raw TO events_raw AS
+CREATE MATERIALIZED VIEW IF NOT EXISTS ledger_1_events_raw TO events_raw AS
 SELECT tenant, customer, id, type, time, time_nanos, received_at, source, data,
        kafka_partition, kafka_offset
 FROM ingest_ledger
 WHERE kind = 1;
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS ledger_to_rollups_hourly TO rollups_hourly AS
+CREATE MATERIALIZED VIEW IF NOT EXISTS ledger_2_rollups_hourly TO rollups_hourly AS
 SELECT tenant, customer, meter, hour, dim_values,
        sumState(d_count) AS events,
        sumState(d_sum) AS value_sum,
@@ -87,7 +93,7 @@ FROM ingest_ledger
 WHERE kind = 2
 GROUP BY tenant, customer, meter, hour, dim_values;
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS ledger_to_checkpoints TO aggregator_checkpoints AS
+CREATE MATERIALIZED VIEW IF NOT EXISTS ledger_9_checkpoints TO aggregator_checkpoints AS
 SELECT topic, kafka_partition, kafka_offset, received_at AS flushed_at
 FROM ingest_ledger
 WHERE kind = 3;

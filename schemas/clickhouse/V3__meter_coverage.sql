@@ -23,7 +23,7 @@ ENGINE = MergeTree
 PARTITION BY toYYYYMM(written_at)
 ORDER BY (topic, meter, kafka_partition, offset_from);
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS ledger_to_meter_coverage TO meter_coverage AS
+CREATE MATERIALIZED VIEW IF NOT EXISTS ledger_3_meter_coverage TO meter_coverage AS
 SELECT topic, meter, kafka_partition, d_count AS offset_from, kafka_offset AS offset_to,
        source, received_at AS written_at
 FROM ingest_ledger

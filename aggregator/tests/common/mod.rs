@@ -223,6 +223,11 @@ impl Pipeline {
 
 impl Drop for Pipeline {
     fn drop(&mut self) {
+        // TALLY_TEST_KEEP=1 keeps the configs and aggregator logs for a post-mortem.
+        if std::env::var_os("TALLY_TEST_KEEP").is_some() {
+            eprintln!("kept {}", self.dir.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
