@@ -3,7 +3,6 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use tally_core::body::split;
 use tally_core::{BodyFormat, Config, Dialect, Tenant, Validator};
-use time::OffsetDateTime;
 
 fn batch(n: usize) -> Vec<u8> {
     let events: Vec<String> = (0..n)
@@ -35,7 +34,17 @@ fn bench(c: &mut Criterion) {
         strict: true,
     };
     let now = time::macros::datetime!(2026-11-24 12:00:00 UTC);
-    let _: OffsetDateTime = now;
+
+    // Baseline in the same run: parsing the same body into a JSON tree and nothing else.
+    let mut base = c.benchmark_group("baseline_json_parse");
+    for n in [1usize, 100, 1000] {
+        let body = batch(n);
+        base.throughput(Throughput::Elements(n as u64));
+        base.bench_function(format!("batch_{n}"), |b| {
+            b.iter(|| serde_json::from_slice::<serde_json::Value>(&body).expect("json"))
+        });
+    }
+    base.finish();
 
     let mut g = c.benchmark_group("ingest_parse_validate");
     for n in [1usize, 100, 1000] {
