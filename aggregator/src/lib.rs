@@ -1,7 +1,6 @@
 //! The aggregator stage. So far: the versioned ClickHouse schema it writes into.
 
 pub mod http;
-pub mod kafka;
 pub mod metrics;
 pub mod migrate;
 pub mod query;

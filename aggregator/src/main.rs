@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tally_aggregator::{http, kafka, migrate, service};
+use tally_aggregator::{http, migrate, service};
 use tally_core::Config;
 
 const USAGE: &str =
@@ -22,17 +22,7 @@ const USAGE: &str =
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    tally_service::init_logging();
     let mut args = std::env::args().skip(1);
     let command = args.next().unwrap_or_default();
     let mut path = None;
@@ -112,7 +102,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     apply_migrations(&config, true).await?;
     let mut backoff = Duration::from_millis(200);
     for topic in [&config.kafka.topic, &config.aggregator.dead_letter_topic] {
-        while let Err(e) = kafka::ensure_topic(&config.kafka, topic).await {
+        while let Err(e) = tally_service::ensure_topic(&config.kafka, topic).await {
             tracing::warn!(error = %e, %topic, "broker unavailable; waiting to create the topic");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));

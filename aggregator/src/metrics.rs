@@ -1,9 +1,7 @@
 //! The aggregator's Prometheus metrics, declared in one place.
 
-use std::sync::OnceLock;
-
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 pub(crate) const RECORDS: &str = "tally_aggregator_records_total";
 pub(crate) const DEAD_LETTERED: &str = "tally_aggregator_dead_lettered_total";
@@ -18,31 +16,11 @@ pub(crate) const REBALANCES: &str = "tally_aggregator_rebalances_total";
 pub(crate) const USAGE_DURATION: &str = "tally_aggregator_usage_query_duration_seconds";
 pub(crate) const HTTP_REQUESTS: &str = "tally_aggregator_http_requests_total";
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
 const SIZE_BUCKETS: &[f64] = &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0];
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let handle = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    Matcher::Prefix("tally_aggregator_flush_r".into()),
-                    SIZE_BUCKETS,
-                )
-            })
-            .and_then(|b| b.install_recorder())
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "prometheus recorder not installed");
-                PrometheusBuilder::new().build_recorder().handle()
-            });
-        describe();
-        handle
-    })
+    tally_service::prometheus(&[("tally_aggregator_flush_r", SIZE_BUCKETS)], describe)
 }
 
 fn describe() {

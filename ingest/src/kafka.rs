@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -255,27 +254,5 @@ impl EventSink for Arc<KafkaSink> {
 
 /// Creates the usage topic with its partition count; an existing topic is left as it is.
 pub async fn ensure_topic(config: &KafkaConfig) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        .create()?;
-    let topic = NewTopic::new(
-        &config.topic,
-        config.partitions,
-        TopicReplication::Fixed(config.replication_factor),
-    );
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
-    for result in admin.create_topics([&topic], &options).await? {
-        match result {
-            Ok(name) => {
-                tracing::info!(topic = %name, partitions = config.partitions, "topic created")
-            }
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(
-                    |_| tracing::error!(topic = %name, ?code, "topic creation failed"),
-                )
-            }
-        }
-    }
-    Ok(())
+    tally_service::ensure_topic(config, &config.topic).await
 }

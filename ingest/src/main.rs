@@ -8,7 +8,7 @@ use tally_core::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
+    tally_service::init_logging();
     let mut args = std::env::args().skip(1);
     let mut path = None;
     while let Some(arg) = args.next() {
@@ -29,20 +29,6 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("signal received");
     collector.shutdown().await;
     Ok(())
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 async fn shutdown_signal() {

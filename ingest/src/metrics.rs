@@ -1,9 +1,7 @@
 //! The collector's Prometheus metrics, declared in one place.
 
-use std::sync::OnceLock;
-
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 pub(crate) const HTTP_REQUESTS: &str = "tally_ingest_http_requests_total";
 pub(crate) const HTTP_DURATION: &str = "tally_ingest_http_request_duration_seconds";
@@ -13,26 +11,9 @@ pub(crate) const DELIVERY_DURATION: &str = "tally_ingest_delivery_duration_secon
 pub(crate) const BROKER_UP: &str = "tally_ingest_broker_up";
 pub(crate) const IN_FLIGHT: &str = "tally_ingest_http_requests_in_flight";
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let handle = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-            .and_then(|b| b.install_recorder())
-            .unwrap_or_else(|e| {
-                // Another recorder is already installed (a host process embedding us):
-                // keep an unconnected handle so /metrics still answers.
-                tracing::warn!(error = %e, "prometheus recorder not installed");
-                PrometheusBuilder::new().build_recorder().handle()
-            });
-        describe();
-        handle
-    })
+    tally_service::prometheus(&[], describe)
 }
 
 fn describe() {
