@@ -651,3 +651,32 @@ async fn a_changed_and_an_added_meter_are_rebuilt_from_raw_events_while_ingest_g
     drop(instance);
     pipeline.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_mid_stream_is_waited_out_and_nothing_is_lost() {
+    let mut broker = TestBroker::start().await;
+    let mut pipeline = Pipeline::new("broker_down");
+    pipeline.brokers = broker.addr();
+    let events = stream(17, 9000, "d");
+    let producer = producer_for(&broker.addr());
+    let mut instance = pipeline.start(0).await;
+    produce(&producer, &pipeline.topic, &events[..3000]).await;
+    pipeline.wait_caught_up(Duration::from_secs(60)).await;
+
+    broker.kill().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        get(&format!("http://{}/healthz", instance.addr)).await.0,
+        200,
+        "the aggregator waits, it does not die"
+    );
+    broker.restart().await;
+    produce(&producer, &pipeline.topic, &events[3000..]).await;
+    pipeline.wait_caught_up(Duration::from_secs(120)).await;
+    assert_eq!(
+        api_totals(&instance, &["requests", "tokens", "active_users"]).await,
+        expected_totals(&events)
+    );
+    instance.stop().await;
+    pipeline.drop_database().await;
+}

@@ -68,8 +68,10 @@ group_by = ["endpoint"]
     path
 }
 
-/// One pipeline under test: its topic, database and consumer group.
+/// One pipeline under test: its broker, topic, database and consumer group.
 pub struct Pipeline {
+    /// Kafka bootstrap servers (the shared local broker unless a test has its own).
+    pub brokers: String,
     /// ClickHouse this pipeline writes to (the shared local server unless a test has its own).
     pub clickhouse: String,
     pub topic: String,
@@ -86,6 +88,7 @@ impl Pipeline {
         std::fs::create_dir_all(&dir).expect("test dir");
         let config = write_config(&dir);
         Pipeline {
+            brokers: brokers(),
             clickhouse: clickhouse_url(),
             topic: format!("agg-{id}"),
             database: format!("t_{id}"),
@@ -144,7 +147,7 @@ impl Pipeline {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally-aggregator"))
             .arg("run")
             .env("TALLY_CONFIG", &self.config)
-            .env("TALLY_KAFKA_BROKERS", brokers())
+            .env("TALLY_KAFKA_BROKERS", &self.brokers)
             .env("TALLY_KAFKA_TOPIC", &self.topic)
             .env("TALLY_CLICKHOUSE_URL", &self.clickhouse)
             .env("TALLY_CLICKHOUSE_DATABASE", &self.database)
@@ -180,7 +183,7 @@ impl Pipeline {
     pub async fn wait_caught_up(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let ends = watermarks(&brokers(), &self.topic).await;
+            let ends = watermarks(&self.brokers, &self.topic).await;
             let checkpoints = self.checkpoints().await;
             let behind: Vec<_> = ends
                 .iter()
@@ -341,8 +344,13 @@ pub async fn watermarks(brokers: &str, topic: &str) -> BTreeMap<i32, (i64, i64)>
 }
 
 pub fn producer() -> FutureProducer {
+    producer_for(&brokers())
+}
+
+pub fn producer_for(brokers: &str) -> FutureProducer {
     ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
+        .set("message.timeout.ms", "60000")
         .set("acks", "all")
         .set("enable.idempotence", "false")
         .set("linger.ms", "5")
@@ -544,6 +552,88 @@ impl TestClickHouse {
 }
 
 impl Drop for TestClickHouse {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A private tansu broker with sqlite storage, so a test can stop and restart it.
+pub struct TestBroker {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl TestBroker {
+    pub async fn start() -> TestBroker {
+        let dir = std::env::temp_dir().join(unique("broker"));
+        std::fs::create_dir_all(&dir).expect("broker dir");
+        let mut b = TestBroker {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        b.restart().await;
+        b
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        let bin = std::env::var("TALLY_TANSU_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").expect("HOME"))
+                    .join(".cache/tally/tansu-0.6.0/bin/tansu")
+            });
+        assert!(
+            bin.exists(),
+            "tansu not found at {} (run `make stack-up`)",
+            bin.display()
+        );
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::File::create(self.dir.join("tansu.log")).expect("log");
+        let child = tokio::process::Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(&self.dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tansu");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(self.addr()).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "test broker did not listen within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.expect("kill tansu");
+        }
+    }
+}
+
+impl Drop for TestBroker {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
             let _ = c.start_kill();
