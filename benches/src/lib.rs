@@ -3,6 +3,7 @@
 //! Every figure is a ratio against a baseline measured in the same run: on a shared 2-core
 //! machine absolute rates drift by tens of percent between runs, ratios much less.
 
+pub mod agg;
 pub mod bare;
 pub mod broker;
 pub mod collector;
