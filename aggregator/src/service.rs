@@ -236,7 +236,7 @@ impl Aggregator {
             // the default eager assignor; cooperative-sticky does (shared/BROKER.md).
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", agg.session_timeout_ms.to_string())
-            .set("fetch.wait.max.ms", "100")
+            .set("fetch.wait.max.ms", agg.fetch_wait_max_ms.to_string())
             .set("statistics.interval.ms", "5000")
             .create_with_context(ctx)?;
         let producer: FutureProducer = ClientConfig::new()

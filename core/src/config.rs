@@ -174,6 +174,10 @@ pub struct AggregatorConfig {
     /// the allowed lateness plus the time clients keep retrying.
     #[serde(default = "default_dedupe_window_secs")]
     pub dedupe_window_secs: u64,
+    /// Longest a fetch waits for records. tansu 0.6.0 holds every fetch this long even when
+    /// it has records, so this bounds the aggregator's throughput there (BENCHMARKS.md).
+    #[serde(default = "default_fetch_wait_max_ms")]
+    pub fetch_wait_max_ms: u64,
     /// Kafka session timeout: how soon a dead member's partitions move to the others.
     #[serde(default = "default_session_timeout_ms")]
     pub session_timeout_ms: u64,
@@ -260,6 +264,9 @@ fn default_flush_max_records() -> usize {
 }
 fn default_dedupe_window_secs() -> u64 {
     8 * 24 * 3600
+}
+fn default_fetch_wait_max_ms() -> u64 {
+    100
 }
 fn default_session_timeout_ms() -> u64 {
     10_000
