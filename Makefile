@@ -22,10 +22,12 @@ test: stack-up
 demo: up
 	$(CARGO_TARGET_DIR)/release/tally-demo
 
-# The collector's load bench (figures as ratios against baselines from the same run).
+# The load benches, figures as ratios against baselines from the same run (BENCHMARKS.md):
+# the collector (tally-load), then the aggregator, freshness and usage queries (tally-aggbench).
 bench: stack-up
-	cargo build --release -p tally-ingest -p tally-bench
+	cargo build --release -p tally-ingest -p tally-aggregator -p tally-bench
 	$(CARGO_TARGET_DIR)/release/tally-load
+	$(CARGO_TARGET_DIR)/release/tally-aggbench
 
 # The stack plus every tally service built so far, in the background.
 up: stack-up
