@@ -345,6 +345,21 @@ impl PartitionBatch {
         }
     }
 
+    /// As [`rows`](Self::rows), moving the event rows out instead of copying them: the
+    /// batch keeps its offsets and ids for [`commit_into`](Self::commit_into), and must not
+    /// be flushed again (a failed flush discards its batches).
+    pub fn take_rows(
+        &mut self,
+        meters: &Meters<'_>,
+        topic: &str,
+        partition: i32,
+        now: u32,
+        out: &mut Vec<LedgerRow>,
+    ) {
+        out.append(&mut self.events);
+        self.rows(meters, topic, partition, now, out);
+    }
+
     /// Only the rollup deltas (what a rebuild writes).
     pub fn rollup_rows(&self, out: &mut Vec<LedgerRow>) {
         for (g, a) in &self.groups {
@@ -388,10 +403,6 @@ impl PartitionBatch {
 
     pub fn is_empty(&self) -> bool {
         self.last_offset.is_none()
-    }
-
-    pub fn counted(&self) -> usize {
-        self.events.len()
     }
 }
 
