@@ -5,33 +5,19 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tally_core::config::KafkaConfig;
 
 use crate::events::Payload;
 
-/// A producer configured as `tally_ingest::KafkaSink::new` configures the collector's
-/// (keep the two lists in step), except that idempotence is always off: tansu 0.6.0 wedges
-/// after an idempotent send times out (shared/BROKER.md).
+/// A producer with the collector's own settings (`tally_ingest::kafka::producer_config`),
+/// except that idempotence is always off: tansu 0.6.0 wedges after an idempotent send
+/// times out (shared/BROKER.md).
 pub fn producer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<FutureProducer> {
-    ClientConfig::new()
+    tally_ingest::kafka::producer_config(config)
         .set("bootstrap.servers", brokers)
-        .set("acks", "all")
         .set("enable.idempotence", "false")
-        .set("message.timeout.ms", config.message_timeout_ms.to_string())
-        .set(
-            "queue.buffering.max.messages",
-            config.queue_max_messages.to_string(),
-        )
-        .set(
-            "queue.buffering.max.kbytes",
-            config.queue_max_kbytes.to_string(),
-        )
-        .set("linger.ms", config.linger_ms.to_string())
-        .set("compression.type", &config.compression)
-        .set("partitioner", "murmur2_random")
         .create()
         .context("creating the baseline producer")
 }

@@ -1,6 +1,43 @@
 //! The bench's results: a table for the terminal and a markdown block for BENCHMARKS.md.
 
 use std::fmt::Write as _;
+use std::path::Path;
+
+/// How a bench binary was launched, as someone would type it again.
+pub fn command_line(bin: &str, args: &[String]) -> String {
+    let rest = if args.is_empty() {
+        String::new()
+    } else {
+        format!(" -- {}", args.join(" "))
+    };
+    let profile = crate::collector::profile_dir()
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
+    match (std::env::var_os("CARGO"), profile.as_deref()) {
+        (Some(_), Some("release")) => {
+            format!("cargo run --release -p tally-bench --bin {bin}{rest}")
+        }
+        (Some(_), _) => format!("cargo run -p tally-bench --bin {bin}{rest}"),
+        _ => {
+            let exe = std::env::args().next().unwrap_or_else(|| bin.into());
+            std::iter::once(exe)
+                .chain(args.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+    }
+}
+
+/// What `tansu --version` prints.
+pub fn tansu_version(bin: &Path) -> String {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "tansu (version unknown)".into())
+}
 
 /// Share of a core each process used during a phase (CPU seconds / wall seconds).
 #[derive(Debug, Clone, Copy, Default)]

@@ -77,32 +77,8 @@ pub struct KafkaSink {
 impl KafkaSink {
     pub fn new(config: &KafkaConfig) -> Result<KafkaSink, KafkaError> {
         let up = Arc::new(AtomicBool::new(false));
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.brokers)
-            .set("acks", "all")
-            // Idempotence is a per-deployment choice: on for Apache Kafka; off for the
-            // local tansu 0.6.0, where an idempotent producer whose send timed out gets
-            // OutOfOrderSequenceNumber and the broker then answers every client "Unknown
-            // broker error" until restarted (shared/BROKER.md). Totals do not depend on
-            // it: the aggregator removes duplicates by event id.
-            .set("enable.idempotence", config.idempotence.to_string())
-            .set("message.timeout.ms", config.message_timeout_ms.to_string())
-            .set(
-                "queue.buffering.max.messages",
-                config.queue_max_messages.to_string(),
-            )
-            .set(
-                "queue.buffering.max.kbytes",
-                config.queue_max_kbytes.to_string(),
-            )
-            .set("linger.ms", config.linger_ms.to_string())
-            .set("compression.type", &config.compression)
-            // The Java client's partitioner, so other producers keying by tenant/customer
-            // agree on the partition.
-            .set("partitioner", "murmur2_random")
-            .set("reconnect.backoff.max.ms", "1000");
-        let producer = client.create_with_context(SinkContext { up: up.clone() })?;
+        let producer =
+            producer_config(config).create_with_context(SinkContext { up: up.clone() })?;
         Ok(KafkaSink {
             producer,
             topic: config.topic.clone(),
@@ -186,6 +162,37 @@ impl KafkaSink {
             Err(e) => tracing::error!(error = %e, "producer flush task failed"),
         }
     }
+}
+
+/// The collector's producer settings (`acks=all` and the configured batching), shared with
+/// the load bench's baseline so both produce alike.
+pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("acks", "all")
+        // Idempotence is a per-deployment choice: on for Apache Kafka; off for the
+        // local tansu 0.6.0, where an idempotent producer whose send timed out gets
+        // OutOfOrderSequenceNumber and the broker then answers every client "Unknown
+        // broker error" until restarted (shared/BROKER.md). Totals do not depend on
+        // it: the aggregator removes duplicates by event id.
+        .set("enable.idempotence", config.idempotence.to_string())
+        .set("message.timeout.ms", config.message_timeout_ms.to_string())
+        .set(
+            "queue.buffering.max.messages",
+            config.queue_max_messages.to_string(),
+        )
+        .set(
+            "queue.buffering.max.kbytes",
+            config.queue_max_kbytes.to_string(),
+        )
+        .set("linger.ms", config.linger_ms.to_string())
+        .set("compression.type", &config.compression)
+        // The Java client's partitioner, so other producers keying by tenant/customer
+        // agree on the partition.
+        .set("partitioner", "murmur2_random")
+        .set("reconnect.backoff.max.ms", "1000");
+    client
 }
 
 impl EventSink for Arc<KafkaSink> {

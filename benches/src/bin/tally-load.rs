@@ -473,43 +473,6 @@ fn warn_errors(what: &str, errors: usize, first: &Option<String>) {
     }
 }
 
-/// How this run was launched, as someone would type it again.
-fn command_line(args: &[String]) -> String {
-    let rest = if args.is_empty() {
-        String::new()
-    } else {
-        format!(" -- {}", args.join(" "))
-    };
-    let profile = collector::profile_dir()
-        .ok()
-        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
-    match (std::env::var_os("CARGO"), profile.as_deref()) {
-        (Some(_), Some("release")) => {
-            format!("cargo run --release -p tally-bench --bin tally-load{rest}")
-        }
-        (Some(_), _) => format!("cargo run -p tally-bench --bin tally-load{rest}"),
-        _ => {
-            let exe = std::env::args()
-                .next()
-                .unwrap_or_else(|| "tally-load".into());
-            std::iter::once(exe)
-                .chain(args.iter().cloned())
-                .collect::<Vec<_>>()
-                .join(" ")
-        }
-    }
-}
-
-fn tansu_version(bin: &Path) -> String {
-    std::process::Command::new(bin)
-        .arg("--version")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "tansu (version unknown)".into())
-}
-
 async fn run(options: Options, args: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     let text = std::fs::read_to_string(&options.config)
@@ -607,10 +570,10 @@ async fn run(options: Options, args: &[String]) -> anyhow::Result<()> {
     );
     let report = Report {
         date,
-        command: command_line(args),
+        command: tally_bench::report::command_line("tally-load", args),
         cpus,
         cpu_model,
-        broker_version: tansu_version(&tansu_bin),
+        broker_version: tally_bench::report::tansu_version(&tansu_bin),
         settings,
         comparisons,
         peak_rss,
