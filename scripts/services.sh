@@ -2,7 +2,8 @@
 # tally's own services on the local stack, in the background, state and logs under
 # .stack/tally/. Binaries come from `cargo build --release` (the Makefile builds them).
 #
-#   scripts/services.sh up       migrate ClickHouse, start what is not running (idempotent)
+#   scripts/services.sh up       start what is not running (idempotent; the aggregator
+#                                applies the ClickHouse migrations as it starts)
 #   scripts/services.sh down     SIGTERM (services flush and drain), SIGKILL after a deadline
 #   scripts/services.sh status   which services answer /healthz and /readyz
 #
@@ -40,8 +41,6 @@ tail_log() {
 
 up() {
     mkdir -p "$STATE"
-    [[ -x "$BIN/tally-aggregator" ]] || { echo "services: $BIN/tally-aggregator missing; run make up" >&2; exit 1; }
-    "$BIN/tally-aggregator" migrate
     for svc in "${SERVICES[@]}"; do
         if pid="$(pid_of "$svc")" && answers "$svc" /healthz; then
             echo "$svc: already running (pid $pid) at http://${ADDR[$svc]}"

@@ -5,7 +5,7 @@
 //! offset read. Duplicates are recognised against the partition's [`Dedupe`] state plus the
 //! ids already in the batch; they only move the offset. Nothing here touches the network.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 use serde::Serialize;
@@ -170,8 +170,8 @@ pub struct PartitionBatch {
     events: Vec<LedgerRow>,
     groups: HashMap<GroupKey, Acc>,
     uniques: HashMap<(GroupKey, String), u64>,
-    new_keys: HashSet<EventKey>,
-    new_key_times: Vec<(EventKey, u32)>,
+    /// Ids counted in this batch, with their receipt time, for the dedupe state.
+    new_keys: HashMap<EventKey, u32>,
     /// First and last offset read (counted, duplicate or poison alike).
     pub first_offset: Option<i64>,
     pub last_offset: Option<i64>,
@@ -215,7 +215,7 @@ impl PartitionBatch {
         }
         let (catalog, max_dimension_chars) = (meters.catalog, meters.max_dimension_chars);
         let event_key = EventKey::new(&record.tenant, &record.id);
-        if dedupe.contains(&event_key) || self.new_keys.contains(&event_key) {
+        if dedupe.contains(&event_key) || self.new_keys.contains_key(&event_key) {
             return Outcome::Duplicate;
         }
         let mut measured = Vec::new();
@@ -291,8 +291,7 @@ impl PartitionBatch {
                 }
             }
         }
-        self.new_keys.insert(event_key);
-        self.new_key_times.push((event_key, received_at));
+        self.new_keys.insert(event_key, received_at);
         self.events.push(LedgerRow {
             kind: KIND_EVENT,
             tenant: record.tenant,
@@ -396,13 +395,9 @@ impl PartitionBatch {
 
     /// After the flush landed: its ids join the partition's dedupe state.
     pub fn commit_into(self, dedupe: &mut Dedupe) {
-        for (k, at) in self.new_key_times {
+        for (k, at) in self.new_keys {
             dedupe.insert(k, at);
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.last_offset.is_none()
     }
 }
 
