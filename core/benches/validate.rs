@@ -64,6 +64,23 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+
+    // What the collector runs: the split and validation straight to record bytes.
+    let mut e = c.benchmark_group("ingest_encode_body");
+    for n in [1usize, 100, 1000] {
+        let body = batch(n);
+        e.throughput(Throughput::Elements(n as u64));
+        e.bench_function(format!("batch_{n}"), |b| {
+            b.iter(|| {
+                let (ok, refused) = v
+                    .encode_body(&body, BodyFormat::Json, 10_000, &tenant, now)
+                    .expect("body");
+                assert!(refused.is_empty());
+                ok.into_iter().map(|r| r.payload.len()).sum::<usize>()
+            })
+        });
+    }
+    e.finish();
 }
 
 criterion_group!(benches, bench);

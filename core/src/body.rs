@@ -3,6 +3,7 @@
 //! Whole-body problems (malformed JSON, wrong shape, too many events) refuse the request;
 //! a malformed NDJSON line or a non-object array element is one rejected event.
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The body encodings the collector understands.
@@ -78,6 +79,93 @@ pub fn split(
     Ok(items)
 }
 
+/// One candidate event as a slice of the body, not yet parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawCandidate<'a> {
+    /// The event's JSON text; `line` is its NDJSON line (1-based), for error messages.
+    Text { raw: &'a str, line: Option<usize> },
+    /// A candidate the split had to parse (or refuse) already.
+    Parsed(Candidate),
+}
+
+/// Splits `body` like [`split`], without parsing the events: each is a slice of the body.
+/// Bodies it cannot slice cheaply go through [`split`], so the results and errors are the
+/// same.
+pub fn split_raw(
+    body: &[u8],
+    format: BodyFormat,
+    max_events: usize,
+) -> Result<Vec<RawCandidate<'_>>, BodyError> {
+    let parsed = |body| {
+        split(body, format, max_events).map(|v| v.into_iter().map(RawCandidate::Parsed).collect())
+    };
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    match (format, first) {
+        (BodyFormat::Ndjson, _) => split_ndjson_raw(body, max_events),
+        (BodyFormat::Json | BodyFormat::CloudEventsBatch, Some(b'[')) => {
+            match serde_json::from_slice::<Vec<&RawValue>>(body) {
+                Ok(items) if !items.is_empty() && items.len() <= max_events => Ok(items
+                    .into_iter()
+                    .map(|r| RawCandidate::Text {
+                        raw: r.get(),
+                        line: None,
+                    })
+                    .collect()),
+                _ => parsed(body),
+            }
+        }
+        (BodyFormat::Json | BodyFormat::CloudEvent, Some(b'{')) => {
+            match serde_json::from_slice::<&RawValue>(body) {
+                Ok(r) => Ok(vec![RawCandidate::Text {
+                    raw: r.get(),
+                    line: None,
+                }]),
+                Err(_) => parsed(body),
+            }
+        }
+        _ => parsed(body),
+    }
+}
+
+fn split_ndjson_raw(body: &[u8], max_events: usize) -> Result<Vec<RawCandidate<'_>>, BodyError> {
+    let mut items = Vec::new();
+    for (n, line) in body.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if items.len() == max_events {
+            return Err(BodyError::TooManyEvents {
+                count: max_events + 1,
+                max: max_events,
+            });
+        }
+        items.push(match std::str::from_utf8(line) {
+            Ok(raw) => RawCandidate::Text {
+                raw,
+                line: Some(n + 1),
+            },
+            Err(_) => RawCandidate::Parsed(parse_line(line, n + 1)),
+        });
+    }
+    if items.is_empty() {
+        return Err(BodyError::Shape("holds no events"));
+    }
+    Ok(items)
+}
+
+/// Parses one NDJSON line (1-based `line`) into a candidate.
+pub fn parse_line(text: &[u8], line: usize) -> Candidate {
+    match serde_json::from_slice::<Value>(text) {
+        Ok(v) => into_object(v),
+        Err(e) => Err(format!(
+            "malformed JSON at line {line}, column {}: {}",
+            e.column(),
+            reason(&e)
+        )),
+    }
+}
+
 fn split_ndjson(body: &[u8], max_events: usize) -> Result<Vec<Candidate>, BodyError> {
     let mut items = Vec::new();
     for (n, line) in body.split(|&b| b == b'\n').enumerate() {
@@ -92,16 +180,7 @@ fn split_ndjson(body: &[u8], max_events: usize) -> Result<Vec<Candidate>, BodyEr
                 max: max_events,
             });
         }
-        let item = match serde_json::from_slice::<Value>(line) {
-            Ok(v) => into_object(v),
-            Err(e) => Err(format!(
-                "malformed JSON at line {}, column {}: {}",
-                n + 1,
-                e.column(),
-                reason(&e)
-            )),
-        };
-        items.push(item);
+        items.push(parse_line(line, n + 1));
     }
     Ok(items)
 }

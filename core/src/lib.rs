@@ -13,4 +13,6 @@ pub use catalog::{Aggregation, Catalog, Meter};
 pub use config::{Config, Tenant, Tenants};
 pub use event::UsageRecord;
 pub use quantity::Quantity;
-pub use validate::{measure, Dialect, Measurement, MeterValue, Refused, Rejection, Validator};
+pub use validate::{
+    measure, Dialect, Encoded, Measurement, MeterValue, Refused, Rejection, Validator,
+};

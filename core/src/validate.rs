@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::body::Candidate;
+use crate::body::{self, BodyError, BodyFormat, Candidate, RawCandidate};
 use crate::catalog::{lookup, Catalog, Meter};
 use crate::config::{Tenant, ValidationConfig};
 use crate::event::{UsageRecord, RECORD_VERSION};
@@ -70,6 +70,26 @@ pub struct Refused {
     pub reason: &'static str,
 }
 
+/// An accepted event as its Kafka record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub id: String,
+    /// [`UsageRecord::key`].
+    pub key: Vec<u8>,
+    /// [`UsageRecord::to_json`].
+    pub payload: Vec<u8>,
+}
+
+impl Encoded {
+    fn of(record: &UsageRecord) -> Encoded {
+        Encoded {
+            id: record.id.clone(),
+            key: record.key().into_bytes(),
+            payload: record.to_json(),
+        }
+    }
+}
+
 /// Checks events for one tenant against the catalog and limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Validator<'a> {
@@ -101,43 +121,74 @@ impl Validator<'_> {
         tenant: &Tenant,
         now: OffsetDateTime,
     ) -> (Vec<UsageRecord>, Vec<Refused>) {
-        let mut accepted = Vec::with_capacity(candidates.len());
-        let mut refused = Vec::new();
-        let mut seen: HashMap<String, usize> = HashMap::new();
-        for (index, candidate) in candidates.into_iter().enumerate() {
-            let result = match candidate {
-                Err(error) => Err((None, error, "malformed")),
-                Ok(obj) => {
-                    let id = obj.get("id").and_then(Value::as_str).map(str::to_owned);
-                    match self.validate(obj, tenant, now) {
-                        Ok(record) => match seen.get(&record.id) {
-                            Some(first) => Err((
-                                id,
-                                format!(
-                                    "id: duplicate of the event at index {first} in this request"
-                                ),
-                                "duplicate_id",
-                            )),
-                            None => {
-                                seen.insert(record.id.clone(), index);
-                                Ok(record)
-                            }
-                        },
-                        Err(r) => Err((id, r.to_string(), r.metric_reason())),
+        dedupe(candidates, |c| self.candidate(c, tenant, now), |r| &r.id)
+    }
+
+    /// Splits a request body and validates its events like [`body::split`] followed by
+    /// [`Validator::validate_batch`], but writes each accepted event's record directly:
+    /// events in the common shape are read without building a JSON tree.
+    pub fn encode_body(
+        &self,
+        body: &[u8],
+        format: BodyFormat,
+        max_events: usize,
+        tenant: &Tenant,
+        now: OffsetDateTime,
+    ) -> Result<(Vec<Encoded>, Vec<Refused>), BodyError> {
+        let raw = body::split_raw(body, format, max_events)?;
+        let mut whole_body_error = None;
+        let result = dedupe(
+            raw,
+            |c| match c {
+                RawCandidate::Parsed(c) => self.candidate(c, tenant, now).map(|r| Encoded::of(&r)),
+                RawCandidate::Text { raw, line } => {
+                    if let Some(fast) = self.fast(raw, tenant, now) {
+                        return Ok(Encoded {
+                            id: fast.id,
+                            key: fast.key.into_bytes(),
+                            payload: fast.payload,
+                        });
                     }
+                    let candidate = match (serde_json::from_str::<Value>(raw), line) {
+                        (Ok(Value::Object(o)), _) => Ok(o),
+                        (Ok(_), _) => Err("event: must be a JSON object".to_owned()),
+                        (Err(_), Some(line)) => body::parse_line(raw.as_bytes(), line),
+                        (Err(_), None) => {
+                            // Sliced out of a body that parsed, yet it does not parse alone
+                            // (a nesting limit): the whole body's error is the answer.
+                            whole_body_error = Some(());
+                            Err(String::new())
+                        }
+                    };
+                    self.candidate(candidate, tenant, now)
+                        .map(|r| Encoded::of(&r))
                 }
-            };
-            match result {
-                Ok(record) => accepted.push(record),
-                Err((id, error, reason)) => refused.push(Refused {
-                    index,
-                    id,
-                    error,
-                    reason,
-                }),
+            },
+            |e| &e.id,
+        );
+        if whole_body_error.is_some() {
+            let candidates = body::split(body, format, max_events)?;
+            let (records, refused) = self.validate_batch(candidates, tenant, now);
+            return Ok((records.iter().map(Encoded::of).collect(), refused));
+        }
+        Ok(result)
+    }
+
+    /// One candidate: its record, or its id (when readable), error and metric reason.
+    fn candidate(
+        &self,
+        candidate: Candidate,
+        tenant: &Tenant,
+        now: OffsetDateTime,
+    ) -> Result<UsageRecord, Failure> {
+        match candidate {
+            Err(error) => Err((None, error, "malformed")),
+            Ok(obj) => {
+                let id = obj.get("id").and_then(Value::as_str).map(str::to_owned);
+                self.validate(obj, tenant, now)
+                    .map_err(|r| (id, r.to_string(), r.metric_reason()))
             }
         }
-        (accepted, refused)
     }
 
     /// Validates one event object and builds its record.
@@ -252,6 +303,56 @@ impl Validator<'_> {
             data,
         })
     }
+}
+
+/// A refused candidate: its id when readable, the error, the metric reason.
+type Failure = (Option<String>, String, &'static str);
+
+/// Runs `check` over a request's candidates in order, refusing a repeated id after its
+/// first occurrence.
+fn dedupe<C, T>(
+    candidates: Vec<C>,
+    mut check: impl FnMut(C) -> Result<T, Failure>,
+    id: impl Fn(&T) -> &String,
+) -> (Vec<T>, Vec<Refused>) {
+    let mut accepted = Vec::with_capacity(candidates.len());
+    let mut refused = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (index, candidate) in candidates.into_iter().enumerate() {
+        let result = check(candidate).and_then(|t| match seen.get(id(&t)) {
+            Some(first) => Err((
+                Some(id(&t).clone()),
+                format!("id: duplicate of the event at index {first} in this request"),
+                "duplicate_id",
+            )),
+            None => {
+                seen.insert(id(&t).clone(), index);
+                Ok(t)
+            }
+        });
+        match result {
+            Ok(t) => accepted.push(t),
+            Err((id, error, reason)) => refused.push(Refused {
+                index,
+                id,
+                error,
+                reason,
+            }),
+        }
+    }
+    (accepted, refused)
+}
+
+/// 1..=max characters without control characters.
+fn valid_string(s: &str, max: usize) -> bool {
+    let mut n = 0;
+    for c in s.chars() {
+        if c.is_control() {
+            return false;
+        }
+        n += 1;
+    }
+    n > 0 && n <= max
 }
 
 /// Removes a string field, checking it is 1..=max characters without control characters.
@@ -447,5 +548,6 @@ fn identifier(v: &Value, max: usize) -> Result<String, String> {
     }
 }
 
+mod fast;
 #[cfg(test)]
 mod tests;

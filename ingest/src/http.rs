@@ -11,10 +11,10 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 use serde_json::{json, Value};
-use tally_core::body::{self, BodyError};
+use tally_core::body::BodyError;
 use tally_core::config::{Config, Tenant, Tenants};
 use tally_core::validate::Refused;
-use tally_core::{BodyFormat, Catalog, Dialect, UsageRecord, Validator};
+use tally_core::{BodyFormat, Catalog, Dialect, Encoded, Validator};
 use time::OffsetDateTime;
 
 use crate::error::SinkError;
@@ -157,18 +157,6 @@ impl<S: EventSink> App<S> {
             }
         };
 
-        let max_events = self.config.validation.max_batch_events;
-        let candidates = match body::split(&bytes, format, max_events) {
-            Ok(c) => c,
-            Err(e) => {
-                let reason = match e {
-                    BodyError::Malformed { .. } => "malformed",
-                    _ => "body",
-                };
-                metrics::counter!(EVENTS, "outcome" => "rejected", "reason" => reason).increment(1);
-                return reply(StatusCode::BAD_REQUEST, &e.to_string());
-            }
-        };
         let dialect = match api {
             Api::Native => Dialect::Native,
             Api::OpenMeter => Dialect::CloudEvents,
@@ -178,7 +166,21 @@ impl<S: EventSink> App<S> {
             limits: &self.config.validation,
             dialect,
         };
-        let (records, refused) = validator.validate_batch(candidates, tenant, (self.clock)());
+        let max_events = self.config.validation.max_batch_events;
+        let now = (self.clock)();
+        let (records, refused) = match validator
+            .encode_body(&bytes, format, max_events, tenant, now)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = match e {
+                    BodyError::Malformed { .. } => "malformed",
+                    _ => "body",
+                };
+                metrics::counter!(EVENTS, "outcome" => "rejected", "reason" => reason).increment(1);
+                return reply(StatusCode::BAD_REQUEST, &e.to_string());
+            }
+        };
         for r in &refused {
             metrics::counter!(EVENTS, "outcome" => "rejected", "reason" => r.reason).increment(1);
         }
@@ -192,7 +194,7 @@ impl<S: EventSink> App<S> {
         self.publish(api, &records, &refused).await
     }
 
-    async fn publish(&self, api: Api, records: &[UsageRecord], refused: &[Refused]) -> Reply {
+    async fn publish(&self, api: Api, records: &[Encoded], refused: &[Refused]) -> Reply {
         let published = self.sink.publish(records).await;
         for (_, e) in &published.failures {
             metrics::counter!(EVENTS, "outcome" => "failed", "reason" => e.reason()).increment(1);

@@ -11,7 +11,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tally_core::config::KafkaConfig;
-use tally_core::UsageRecord;
+use tally_core::Encoded;
 
 use crate::error::SinkError;
 use crate::metrics::{BROKER_UP, DELIVERY_DURATION, QUEUE_DEPTH};
@@ -24,7 +24,7 @@ use crate::metrics::{BROKER_UP, DELIVERY_DURATION, QUEUE_DEPTH};
 /// client retries them with the same ids and downstream dedupe keeps the totals exact.
 pub trait EventSink: Send + Sync + 'static {
     /// Enqueues all of `records` at once, then awaits every delivery report.
-    fn publish(&self, records: &[UsageRecord]) -> impl Future<Output = Published> + Send;
+    fn publish(&self, records: &[Encoded]) -> impl Future<Output = Published> + Send;
 
     /// Whether the sink can take events now (the broker answered its last probe).
     fn is_ready(&self) -> bool;
@@ -196,7 +196,7 @@ pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
 }
 
 impl EventSink for Arc<KafkaSink> {
-    async fn publish(&self, records: &[UsageRecord]) -> Published {
+    async fn publish(&self, records: &[Encoded]) -> Published {
         let fail_all = |e: SinkError| Published {
             delivered: 0,
             failures: (0..records.len()).map(|i| (i, e.clone())).collect(),
@@ -218,9 +218,9 @@ impl EventSink for Arc<KafkaSink> {
                 failures.push((i, first));
                 continue;
             }
-            let key = record.key();
-            let payload = record.to_json();
-            let message = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+            let message = FutureRecord::to(&self.topic)
+                .key(&record.key)
+                .payload(&record.payload);
             match self.producer.send_result(message) {
                 Ok(delivery) => pending.push((i, delivery)),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

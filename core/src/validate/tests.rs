@@ -402,3 +402,188 @@ fn measure_reads_values_and_dimensions_in_group_by_order() {
     let m = measure(users, numeric.as_object().expect("object"), 256).expect("integer identifier");
     assert_eq!(m.value, MeterValue::Identifier("42".into()));
 }
+
+/// A JSON string literal, sometimes with an escape the fast path cannot borrow.
+fn text_literal() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => "[a-z0-9_./-]{1,12}".prop_map(|s| format!("\"{s}\"")),
+        1 => Just("\"\"".to_owned()),
+        1 => Just("\"\\u0041b\"".to_owned()),
+        1 => Just("\"a\\u0000\"".to_owned()),
+        1 => Just(format!("\"{}\"", "x".repeat(300))),
+        1 => Just("\"é☃\"".to_owned()),
+        1 => Just("null".to_owned()),
+        1 => Just("7".to_owned()),
+    ]
+}
+
+/// A `data` value: numbers in every spelling, strings, and shapes the meters refuse.
+fn data_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => (0u64..100_000).prop_map(|n| n.to_string()),
+        2 => (0u64..1000, 0u32..1000).prop_map(|(a, b)| format!("{a}.{b:03}")),
+        1 => Just("-12.5".to_owned()),
+        1 => Just("1E3".to_owned()),
+        1 => Just("2.5e-2".to_owned()),
+        1 => Just("0.0000000001".to_owned()),
+        1 => Just("123456789012345678901234567890".to_owned()),
+        1 => Just("18446744073709551616".to_owned()),
+        1 => Just("-0".to_owned()),
+        1 => Just("\"42.5\"".to_owned()),
+        1 => Just("true".to_owned()),
+        1 => Just("{\"x\": 1}".to_owned()),
+        1 => Just("[1, 2]".to_owned()),
+        4 => text_literal(),
+    ]
+}
+
+fn data_object() -> impl Strategy<Value = String> {
+    let key = prop_oneof![
+        Just("tokens"),
+        Just("model"),
+        Just("gb"),
+        Just("user"),
+        Just("endpoint"),
+        Just("other"),
+        Just("a.b"),
+        Just("t\\u006fkens"),
+    ];
+    proptest::collection::vec((key, data_value()), 0..6).prop_map(|kv| {
+        let fields: Vec<String> = kv.iter().map(|(k, v)| format!("\"{k}\" : {v}")).collect();
+        format!("{{ {} }}", fields.join(", "))
+    })
+}
+
+/// Event objects close to valid, with every envelope field sometimes absent, null, of the
+/// wrong type, escaped or out of bounds, in random order.
+fn event_text() -> impl Strategy<Value = String> {
+    let time = prop_oneof![
+        3 => (-700_000i64..400).prop_map(|s| {
+            let t = NOW + time::Duration::seconds(s);
+            format!("\"{}\"", t.format(&Rfc3339).expect("format"))
+        }),
+        1 => Just("\"2026-11-24T13:00:00+02:00\"".to_owned()),
+        1 => Just("\"2026-11-24T11:00:00.123456789Z\"".to_owned()),
+        1 => Just("\"yesterday\"".to_owned()),
+        1 => Just("null".to_owned()),
+        1 => Just("17".to_owned()),
+    ];
+    let event_type = prop_oneof![
+        Just("\"request\""),
+        Just("\"completion\""),
+        Just("\"storage\""),
+        Just("\"login\""),
+        Just("\"other\""),
+        Just("null"),
+        Just("3"),
+    ];
+    let field = |name: &'static str, value: BoxedStrategy<String>| prop_oneof![1 => Just(None), 4 => value.prop_map(move |v| Some(format!("\"{name}\": {v}")))];
+    (
+        field("id", text_literal().boxed()),
+        field("customer", text_literal().boxed()),
+        field("subject", prop_oneof![3 => Just(None::<String>).prop_map(|_| "null".to_owned()), 1 => text_literal()].boxed()),
+        field("type", event_type.prop_map(str::to_owned).boxed()),
+        field("time", time.boxed()),
+        field("data", prop_oneof![8 => data_object(), 1 => Just("null".to_owned()), 1 => Just("[1]".to_owned())].boxed()),
+        (
+            field("specversion", prop_oneof![Just("\"1.0\"".to_owned()), Just("\"0.3\"".to_owned())].boxed()),
+            field("source", text_literal().boxed()),
+            field("datacontenttype", prop_oneof![Just("\"application/json\"".to_owned()), Just("\"text/plain\"".to_owned())].boxed()),
+            proptest::option::weighted(0.05, Just("\"extra\": 1".to_owned())),
+            proptest::option::weighted(0.05, Just("\"id\": \"again\"".to_owned())),
+        ),
+        any::<proptest::sample::Index>(),
+    )
+        .prop_map(|(id, customer, subject, ty, time, data, (sv, source, ct, extra, dup), rot)| {
+            let mut fields: Vec<String> = [id, customer, subject, ty, time, data, sv, source, ct, extra, dup]
+                .into_iter()
+                .flatten()
+                .collect();
+            if !fields.is_empty() {
+                let n = rot.index(fields.len());
+                fields.rotate_left(n);
+            }
+            format!("{{{}}}", fields.join(","))
+        })
+}
+
+/// The reference: the full parse, the validator and `UsageRecord::to_json`.
+fn encode_slow(
+    v: &Validator<'_>,
+    body: &[u8],
+    format: BodyFormat,
+    tenant: &Tenant,
+) -> Result<(Vec<Encoded>, Vec<Refused>), BodyError> {
+    let (records, refused) = v.validate_batch(split(body, format, 100)?, tenant, NOW);
+    Ok((records.iter().map(Encoded::of).collect(), refused))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn encode_body_matches_the_full_path_byte_for_byte(
+        events in proptest::collection::vec(event_text(), 1..6),
+        cloud in any::<bool>(),
+        strict in any::<bool>(),
+        ndjson in any::<bool>(),
+    ) {
+        let c = config();
+        let catalog = c.catalog();
+        let dialect = if cloud { Dialect::CloudEvents } else { Dialect::Native };
+        let v = Validator { catalog: &catalog, limits: &c.validation, dialect };
+        let (body, format) = match (ndjson, events.len()) {
+            (true, _) => (events.join("\n"), BodyFormat::Ndjson),
+            (false, 1) => (events[0].clone(), BodyFormat::Json),
+            (false, _) => (format!("[ {} ]", events.join(" ,\n")), BodyFormat::Json),
+        };
+        let fast = v.encode_body(body.as_bytes(), format, 100, &tenant(strict), NOW);
+        let slow = encode_slow(&v, body.as_bytes(), format, &tenant(strict));
+        prop_assert_eq!(fast, slow, "body: {}", body);
+    }
+}
+
+#[test]
+fn the_fast_path_takes_the_common_shapes() {
+    let c = config();
+    let catalog = c.catalog();
+    let v = Validator {
+        catalog: &catalog,
+        limits: &c.validation,
+        dialect: Dialect::Native,
+    };
+    for raw in [
+        r#"{"id":"e1","customer":"c1","type":"completion","time":"2026-11-24T11:00:00Z","data":{"tokens":12.5,"model":"m1"}}"#,
+        r#"{"id":"e2","customer":"c1","type":"request","data":{"endpoint":"/v1/x"}}"#,
+        r#"{"id":"e3","subject":"c1","type":"storage","time":"2026-11-24T11:00:00.25Z","data":{"gb":"3.5"}}"#,
+        r#"{"id":"e4","customer":"c1","type":"login","data":{"user":42}}"#,
+    ] {
+        let fast = v.fast(raw, &tenant(true), NOW).expect(raw);
+        let slow = check(serde_json::from_str(raw).expect("json")).expect(raw);
+        assert_eq!(fast.payload, slow.to_json(), "{raw}");
+        assert_eq!(fast.key, slow.key());
+    }
+    for raw in [
+        r#"{"id":"e1","customer":"c1","type":"completion","data":{"tokens":"x","model":"m1"}}"#,
+        r#"{"id":"e\u0031","customer":"c1","type":"request"}"#,
+        r#"{"id":"e1","customer":"c1","type":"request","data":{"endpoint":{"a":1}}}"#,
+    ] {
+        assert!(v.fast(raw, &tenant(true), NOW).is_none(), "{raw}");
+    }
+}
+
+#[test]
+fn a_body_too_deep_for_one_event_gets_the_whole_body_error() {
+    let c = config();
+    let catalog = c.catalog();
+    let v = Validator {
+        catalog: &catalog,
+        limits: &c.validation,
+        dialect: Dialect::Native,
+    };
+    let deep = format!("[{}1{}]", "{\"a\":".repeat(200), "}".repeat(200));
+    let fast = v.encode_body(deep.as_bytes(), BodyFormat::Json, 10, &tenant(true), NOW);
+    let slow = encode_slow(&v, deep.as_bytes(), BodyFormat::Json, &tenant(true));
+    assert_eq!(fast, slow);
+    assert!(fast.is_err());
+}

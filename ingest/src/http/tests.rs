@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use super::*;
 use crate::kafka::Published;
 use http_body_util::Full;
+use tally_core::UsageRecord;
 use time::macros::datetime;
 
 #[derive(Default)]
@@ -16,14 +17,16 @@ struct MemorySink {
 }
 
 impl EventSink for Arc<MemorySink> {
-    async fn publish(&self, records: &[UsageRecord]) -> Published {
+    async fn publish(&self, records: &[Encoded]) -> Published {
         let fail = self.fail_from.lock().expect("lock").clone();
         let mut out = Published::default();
         for (i, r) in records.iter().enumerate() {
             match &fail {
                 Some((from, e)) if i >= *from => out.failures.push((i, e.clone())),
                 _ => {
-                    self.records.lock().expect("lock").push(r.clone());
+                    let record: UsageRecord = serde_json::from_slice(&r.payload).expect("a record");
+                    assert_eq!(r.key, record.key().into_bytes());
+                    self.records.lock().expect("lock").push(record);
                     out.delivered += 1;
                 }
             }
