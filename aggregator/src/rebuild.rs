@@ -7,11 +7,12 @@
 //! after a rolling deploy if old-config members were still flushing meanwhile. Two
 //! rebuilds of the same meter must not run at once.
 
-use serde_json::{Map, Value};
-use tally_core::{Catalog, Meter, UsageRecord};
+use std::borrow::Cow;
+
+use tally_core::{Catalog, Meter};
 use time::OffsetDateTime;
 
-use crate::rollup::{coverage_row, Dedupe, Meters, Outcome, PartitionBatch};
+use crate::rollup::{coverage_row, Dedupe, Event, Meters, Outcome, PartitionBatch};
 use crate::store::{RawEvent, Result, Store};
 
 /// The inclusive ranges of `0..=end` not covered by `covered` (sorted by start).
@@ -68,7 +69,7 @@ pub async fn rebuild(
                 let mut batch = PartitionBatch::default();
                 let none = Dedupe::default();
                 for raw in &events {
-                    match batch.add_record(
+                    match batch.add_event(
                         &meters,
                         &none,
                         partition,
@@ -105,23 +106,22 @@ pub async fn rebuild(
     Ok(report)
 }
 
-fn record(raw: &RawEvent) -> UsageRecord {
-    let data: Map<String, Value> = serde_json::from_str(&raw.data).unwrap_or_default();
+fn record(raw: &RawEvent) -> Event<'_> {
     let at = |secs: u32, nanos: u32| {
         OffsetDateTime::from_unix_timestamp(i64::from(secs))
             .map(|t| t.replace_nanosecond(nanos).unwrap_or(t))
             .unwrap_or(OffsetDateTime::UNIX_EPOCH)
     };
-    UsageRecord {
+    Event {
         v: tally_core::event::RECORD_VERSION,
-        tenant: raw.tenant.clone(),
-        id: raw.id.clone(),
-        customer: raw.customer.clone(),
-        event_type: raw.event_type.clone(),
+        tenant: Cow::Borrowed(&raw.tenant),
+        id: Cow::Borrowed(&raw.id),
+        customer: Cow::Borrowed(&raw.customer),
+        event_type: Cow::Borrowed(&raw.event_type),
         time: at(raw.time, raw.time_nanos),
         received_at: at(raw.received_at, 0),
-        source: (!raw.source.is_empty()).then(|| raw.source.clone()),
-        data,
+        source: (!raw.source.is_empty()).then_some(Cow::Borrowed(raw.source.as_str())),
+        data: &raw.data,
     }
 }
 

@@ -5,11 +5,15 @@
 //! offset read. Duplicates are recognised against the partition's [`Dedupe`] state plus the
 //! ids already in the batch; they only move the offset. Nothing here touches the network.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use serde::Serialize;
-use tally_core::{measure, Aggregation, Catalog, MeterValue, Quantity, UsageRecord};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tally_core::event::record_key;
+use tally_core::{Aggregation, Catalog, EventData, MeterValue, Quantity};
+use time::OffsetDateTime;
 
 /// Row kinds of `ingest_ledger` (see `schemas/clickhouse/V2__rollups.sql`).
 pub const KIND_EVENT: u8 = 1;
@@ -190,7 +194,7 @@ impl PartitionBatch {
         } = incoming;
         self.note_offset(offset);
         match decode(key, payload) {
-            Ok(record) => self.add_record(meters, dedupe, partition, offset, record),
+            Ok(event) => self.add_event(meters, dedupe, partition, offset, event),
             Err(p) => Outcome::Poison(p),
         }
     }
@@ -201,14 +205,14 @@ impl PartitionBatch {
         self.records += 1;
     }
 
-    /// Adds a decoded record (the rebuild reads them from `events_raw`).
-    pub fn add_record(
+    /// Adds a decoded event (the rebuild reads them from `events_raw`).
+    pub fn add_event(
         &mut self,
         meters: &Meters<'_>,
         dedupe: &Dedupe,
         partition: i32,
         offset: i64,
-        record: UsageRecord,
+        record: Event<'_>,
     ) -> Outcome {
         if self.last_offset != Some(offset) {
             self.note_offset(offset);
@@ -218,9 +222,18 @@ impl PartitionBatch {
         if dedupe.contains(&event_key) || self.new_keys.contains_key(&event_key) {
             return Outcome::Duplicate;
         }
+        let data = match EventData::parse(record.data) {
+            Ok(d) => d,
+            Err(e) => {
+                return Outcome::Poison(Poison {
+                    reason: "undecodable",
+                    detail: format!("not a usage record: data: {e}"),
+                })
+            }
+        };
         let mut measured = Vec::new();
         for meter in catalog.meters_for_type(&record.event_type) {
-            match measure(meter, &record.data, max_dimension_chars) {
+            match data.measure(meter, max_dimension_chars) {
                 Ok(m) => measured.push((meter, m)),
                 Err(e) => {
                     return Outcome::Poison(Poison {
@@ -244,8 +257,8 @@ impl PartitionBatch {
             .clamp(0, i64::from(u32::MAX)) as u32;
         for (meter, m) in measured {
             let group = GroupKey {
-                tenant: record.tenant.clone(),
-                customer: record.customer.clone(),
+                tenant: record.tenant.to_string(),
+                customer: record.customer.to_string(),
                 meter: meters.storage_key(&meter.key).to_owned(),
                 hour,
                 dims: m.dimensions,
@@ -294,15 +307,15 @@ impl PartitionBatch {
         self.new_keys.insert(event_key, received_at);
         self.events.push(LedgerRow {
             kind: KIND_EVENT,
-            tenant: record.tenant,
-            customer: record.customer,
-            id: record.id,
-            event_type: record.event_type,
+            tenant: record.tenant.into_owned(),
+            customer: record.customer.into_owned(),
+            id: record.id.into_owned(),
+            event_type: record.event_type.into_owned(),
             time,
             time_nanos: record.time.nanosecond(),
             received_at,
-            source: record.source.unwrap_or_default(),
-            data: serde_json::Value::Object(record.data).to_string(),
+            source: record.source.map(Cow::into_owned).unwrap_or_default(),
+            data: record.data.to_owned(),
             kafka_partition: partition as u32,
             kafka_offset: offset as u64,
             ..LedgerRow::default()
@@ -423,7 +436,7 @@ pub fn coverage_row(
     }
 }
 
-fn epoch_nanos(r: &UsageRecord) -> Option<u64> {
+fn epoch_nanos(r: &Event<'_>) -> Option<u64> {
     let secs = r.time.unix_timestamp();
     if !(0..=i64::from(u32::MAX)).contains(&secs) {
         return None;
@@ -431,13 +444,50 @@ fn epoch_nanos(r: &UsageRecord) -> Option<u64> {
     Some(secs as u64 * 1_000_000_000 + u64::from(r.time.nanosecond()))
 }
 
-/// Decodes a Kafka record into a usage record, checking its key.
-pub fn decode(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<UsageRecord, Poison> {
+/// A usage record as the aggregator reads it: [`tally_core::UsageRecord`]'s fields,
+/// borrowed from the Kafka payload where they need no unescaping, and `data` as its JSON
+/// text (stored as sent, measured through [`EventData`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Event<'a> {
+    pub v: u32,
+    #[serde(borrow)]
+    pub tenant: Cow<'a, str>,
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub customer: Cow<'a, str>,
+    #[serde(borrow, rename = "type")]
+    pub event_type: Cow<'a, str>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+    #[serde(default, borrow, deserialize_with = "borrowed_option")]
+    pub source: Option<Cow<'a, str>>,
+    #[serde(borrow, deserialize_with = "raw_text")]
+    pub data: &'a str,
+}
+
+/// `Option<Cow<str>>` does not borrow by itself.
+fn borrowed_option<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Cow<'de, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Borrowed<'de>>::deserialize(d)?.map(|b| b.0))
+}
+
+fn raw_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<&'de str, D::Error> {
+    <&'de RawValue>::deserialize(d).map(RawValue::get)
+}
+
+/// Decodes a Kafka record into an event, checking its key.
+pub fn decode<'a>(key: Option<&[u8]>, payload: Option<&'a [u8]>) -> Result<Event<'a>, Poison> {
     let payload = payload.ok_or_else(|| Poison {
         reason: "empty",
         detail: "record has no payload".into(),
     })?;
-    let record: UsageRecord = serde_json::from_slice(payload).map_err(|e| Poison {
+    let record: Event<'a> = serde_json::from_slice(payload).map_err(|e| Poison {
         reason: "undecodable",
         detail: format!("not a usage record: {e}"),
     })?;
@@ -454,7 +504,7 @@ pub fn decode(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<UsageRecord,
         });
     }
     // Retries of one event must share a partition for per-partition dedupe to hold.
-    let expected = record.key();
+    let expected = record_key(&record.tenant, &record.customer);
     if key != Some(expected.as_bytes()) {
         return Err(Poison {
             reason: "key",

@@ -4,6 +4,7 @@
 pub mod body;
 pub mod catalog;
 pub mod config;
+pub mod data;
 pub mod event;
 pub mod quantity;
 pub mod validate;
@@ -11,6 +12,7 @@ pub mod validate;
 pub use body::{BodyError, BodyFormat};
 pub use catalog::{Aggregation, Catalog, Meter};
 pub use config::{Config, Tenant, Tenants};
+pub use data::EventData;
 pub use event::UsageRecord;
 pub use quantity::Quantity;
 pub use validate::{

@@ -32,7 +32,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(field: impl Into<String>, reason: impl Into<String>) -> Rejection {
+    pub(crate) fn new(field: impl Into<String>, reason: impl Into<String>) -> Rejection {
         Rejection {
             field: field.into(),
             reason: reason.into(),

@@ -308,3 +308,38 @@ proptest! {
         prop_assert_eq!(got, expected);
     }
 }
+
+#[test]
+fn decode_reads_what_the_collector_writes() {
+    let data: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(r#"{"tokens": 12.5, "model": "m\"1", "deep": {"a": [1, 2]}}"#)
+            .expect("data");
+    let r = tally_core::UsageRecord {
+        v: 1,
+        tenant: "demo".into(),
+        id: "e\u{e9}\"1".into(),
+        customer: "c/1\\x".into(),
+        event_type: "completion".into(),
+        time: time::macros::datetime!(2026-11-24 10:00:00.25 UTC),
+        received_at: time::macros::datetime!(2026-11-24 10:00:01 UTC),
+        source: Some("app\t1".into()),
+        data,
+    };
+    let payload = r.to_json();
+    let key = r.key().into_bytes();
+    let e = decode(Some(&key), Some(&payload)).expect("decodes");
+    assert_eq!(
+        (&*e.tenant, &*e.id, &*e.customer, &*e.event_type),
+        ("demo", "e\u{e9}\"1", "c/1\\x", "completion")
+    );
+    assert_eq!((e.time, e.received_at), (r.time, r.received_at));
+    assert_eq!(e.source.as_deref(), Some("app\t1"));
+    let back: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(e.data).expect("data text");
+    assert_eq!(back, r.data);
+    // A record without `source` and with escapes only in `data`.
+    let plain = br#"{"v":1,"tenant":"demo","id":"a","customer":"c","type":"request","time":"2026-11-24T10:00:00Z","received_at":"2026-11-24T10:00:00Z","data":{"endpoint":"\/x"}}"#;
+    let e = decode(Some(b"demo/c"), Some(plain)).expect("decodes");
+    assert!(matches!(e.id, Cow::Borrowed("a")) && e.source.is_none());
+    assert_eq!(e.data, r#"{"endpoint":"\/x"}"#);
+}

@@ -16,10 +16,9 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::{check_time, parse_time, valid_string, Dialect, Validator};
-use crate::catalog::Meter;
 use crate::config::Tenant;
+use crate::data::{flat, measure_flat};
 use crate::event::{record_key, RECORD_VERSION};
-use crate::quantity::Quantity;
 
 /// One envelope field as sent. A string with escapes fails the parse (it cannot be
 /// borrowed), which sends the event to the full validator.
@@ -135,26 +134,16 @@ impl Validator<'_> {
         check_time(time, now, l).ok()?;
         let data: FlatData<'_> = match e.data {
             None => BTreeMap::new(),
-            Some(raw) if raw.get().contains('\\') => return None,
-            Some(raw) => serde_json::from_str(raw.get()).ok()?,
+            Some(raw) => flat(raw.get())?,
         };
         if data.len() > l.max_properties || (!data.is_empty() && l.max_depth == 0) {
             return None;
-        }
-        for v in data.values() {
-            match v.get().as_bytes().first() {
-                Some(b'{' | b'[') | None => return None,
-                Some(b'-' | b'0'..=b'9') if v.get().contains(['e', 'E']) => return None,
-                _ => {}
-            }
         }
         if tenant.strict && !self.catalog.knows_type(event_type) {
             return None;
         }
         for meter in self.catalog.meters_for_type(event_type) {
-            if !measurable(meter, &data, l.max_dimension_chars) {
-                return None;
-            }
+            measure_flat(meter, &data, l.max_dimension_chars)?;
         }
 
         let mut payload = Vec::with_capacity(raw.len() + tenant.id.len() + 96);
@@ -174,42 +163,6 @@ impl Validator<'_> {
             payload,
         })
     }
-}
-
-/// Whether the full validator's `measure` would succeed on this flat `data`.
-fn measurable(meter: &Meter, data: &FlatData<'_>, max_chars: usize) -> bool {
-    let get = |path: &str| {
-        // A dotted path reaches into an object; flat data has none.
-        if path.contains('.') {
-            None
-        } else {
-            data.get(path).map(|v| v.get()).filter(|v| *v != "null")
-        }
-    };
-    if let Some(path) = &meter.value {
-        let Some(v) = get(path) else { return false };
-        let ok = if meter.aggregation.needs_number() {
-            let text = v
-                .strip_prefix('"')
-                .and_then(|s| s.strip_suffix('"'))
-                .unwrap_or(v);
-            matches!(v.as_bytes()[0], b'"' | b'-' | b'0'..=b'9') && text.parse::<Quantity>().is_ok()
-        } else if let Some(s) = v.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
-            !s.is_empty() && s.chars().count() <= max_chars
-        } else {
-            v.parse::<i64>().is_ok() || v.parse::<u64>().is_ok()
-        };
-        if !ok {
-            return false;
-        }
-    }
-    meter.group_by.iter().all(|dim| match get(dim) {
-        None => true,
-        Some(v) => v
-            .strip_prefix('"')
-            .and_then(|s| s.strip_suffix('"'))
-            .is_some_and(|s| s.chars().count() <= max_chars),
-    })
 }
 
 /// The envelope of a record, borrowed.

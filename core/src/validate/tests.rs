@@ -587,3 +587,29 @@ fn a_body_too_deep_for_one_event_gets_the_whole_body_error() {
     assert_eq!(fast, slow);
     assert!(fast.is_err());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    #[test]
+    fn event_data_measures_like_the_tree(text in data_object()) {
+        let c = config();
+        let catalog = c.catalog();
+        let tree: Map<String, Value> = serde_json::from_str(&text).expect("object");
+        let data = crate::data::EventData::parse(&text).expect("object");
+        for meter in catalog.meters() {
+            prop_assert_eq!(
+                data.measure(meter, 256),
+                measure(meter, &tree, 256),
+                "meter {} data {}", meter.key, text
+            );
+        }
+    }
+}
+
+#[test]
+fn event_data_refuses_what_is_not_an_object() {
+    for text in ["[1]", "3", "\"x\"", "{\"a\":", "null"] {
+        assert!(crate::data::EventData::parse(text).is_err(), "{text}");
+    }
+}
