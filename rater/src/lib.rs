@@ -1,0 +1,36 @@
+//! tally's rater core: plans as code, pricing, billing periods, invoices and entitlements.
+//!
+//! Pure logic, no network: the caller supplies plan files (read from a folder), the
+//! subscription segments of a period and the usage measured in each; the rater returns
+//! exact, reproducible invoice lines. The pipeline that queries ClickHouse and publishes
+//! invoices builds on this crate.
+//!
+//! - [`plan`]: the versioned plan catalog (`config/plans/<plan>/v<N>.toml`), validated at
+//!   load, each version with a content digest.
+//! - [`pricing`]: per-unit, package, graduated and volume models as pure functions.
+//! - [`period`]: billing periods from an anchor, and exact proration fractions.
+//! - [`invoice`]: one customer's invoice for one period; the rounding rule lives there.
+//! - [`entitlements`]: features and limits of a plan version, and what a migration changes.
+//!
+//! Money is `rust_decimal::Decimal`, never a float, and is computed exactly: a result that
+//! cannot be held exactly is an error, not a rounded figure.
+
+mod currency;
+pub mod entitlements;
+mod error;
+mod exact;
+pub mod invoice;
+pub mod period;
+pub mod plan;
+pub mod pricing;
+
+pub use currency::Currency;
+pub use entitlements::{
+    diff, EntitlementDiff, Entitlements, FeatureChange, Limit, LimitChange, Window,
+};
+pub use error::{Error, Result};
+pub use invoice::{Invoice, Line, LineKind, Segment, SegmentSummary};
+pub use period::{period_containing, Fraction, Interval, Period};
+pub use plan::{Catalog, Charge, ChargeKind, PlanVersion, UsageCharge};
+pub use pricing::{price, Model, Priced, Tier, TierAmount};
+pub use rust_decimal::Decimal;
