@@ -1,0 +1,451 @@
+//! Usage per customer, subscription segment and meter, read from the aggregator's tables
+//! with one query per batch of customers.
+//!
+//! Rollups are hourly, so a segment that starts or ends inside an hour cannot be cut out
+//! of them. A customer whose segment bounds all fall on whole hours is read from
+//! `rollups_hourly`; a customer with any bound inside an hour (a change "at once", say) is
+//! read entirely from `events_raw`, which holds the very events the rollups count (both are
+//! written by one insert per flush, duplicates already removed), measured here by the
+//! aggregator's own rules. Both reads are exact; the raw one costs more, and only those
+//! customers pay it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use tally_core::config::ClickHouseConfig;
+use tally_core::{Aggregation, EventData, Meter};
+use time::OffsetDateTime;
+
+/// One unit in nano-units (meter values are `Decimal(38, 9)`).
+const UNIT: i128 = 1_000_000_000;
+
+/// Why usage could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UsageError {
+    #[error("usage: no meter {0:?} in the catalog")]
+    UnknownMeter(String),
+    #[error("usage: customer {customer:?}: segment bounds must increase and lie in 1970..2106")]
+    Bounds { customer: String },
+    #[error(
+        "usage: customer {customer:?}, meter {meter}: {value} nano-units do not fit a decimal"
+    )]
+    TooLarge {
+        customer: String,
+        meter: String,
+        value: i128,
+    },
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+}
+
+impl UsageError {
+    /// ClickHouse being unreachable clears up by itself; the rest does not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::ClickHouse(
+                clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut
+            )
+        )
+    }
+}
+
+/// One customer's segments: `bounds[i]..bounds[i + 1]` is segment `i`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRequest {
+    pub customer: String,
+    pub bounds: Vec<OffsetDateTime>,
+}
+
+impl UsageRequest {
+    fn aligned(&self) -> bool {
+        self.bounds
+            .iter()
+            .all(|b| b.unix_timestamp() % 3600 == 0 && b.nanosecond() == 0)
+    }
+
+    fn seconds(&self) -> Result<Vec<u32>, UsageError> {
+        let bad = || UsageError::Bounds {
+            customer: self.customer.clone(),
+        };
+        if self.bounds.len() < 2 || self.bounds.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(bad());
+        }
+        self.bounds
+            .iter()
+            .map(|b| u32::try_from(b.unix_timestamp()).map_err(|_| bad()))
+            .collect()
+    }
+
+    /// The segment holding `at` (unix nanoseconds), if any.
+    fn segment_of(&self, at: i128) -> Option<usize> {
+        let i = self
+            .bounds
+            .partition_point(|b| b.unix_timestamp_nanos() <= at);
+        (i >= 1 && i < self.bounds.len()).then(|| i - 1)
+    }
+}
+
+/// Quantities by (customer, segment index), then meter key. A meter without usage in a
+/// segment is absent (the rater prices it as zero).
+pub type UsageTable = HashMap<(String, usize), BTreeMap<String, Decimal>>;
+
+/// Reads usage from one ClickHouse database.
+#[derive(Clone)]
+pub struct UsageReader {
+    client: clickhouse::Client,
+    meters: tally_core::Catalog,
+    max_dimension_chars: usize,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct RollupRow {
+    customer: String,
+    seg: u32,
+    meter: String,
+    v_events: u64,
+    v_sum: i128,
+    v_min: i128,
+    v_max: i128,
+    v_latest: i128,
+    v_unique: u64,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct RawRow {
+    customer: String,
+    event_type: String,
+    t_secs: u32,
+    time_nanos: u32,
+    data: String,
+}
+
+impl UsageReader {
+    pub fn new(
+        config: &ClickHouseConfig,
+        meters: tally_core::Catalog,
+        max_dimension_chars: usize,
+    ) -> UsageReader {
+        // Rows are read by position: the crate's schema check needs a newer server than 18.16.
+        let client = clickhouse::Client::default()
+            .with_url(&config.url)
+            .with_user(&config.user)
+            .with_password(&config.password)
+            .with_database(&config.database)
+            .with_validation(false)
+            // A batch's customers and bounds travel in the statement.
+            .with_setting("max_query_size", "268435456");
+        UsageReader {
+            client,
+            meters,
+            max_dimension_chars,
+        }
+    }
+
+    /// Usage of `meters` (catalog keys) for every request: two queries at most, whatever
+    /// the number of customers.
+    pub async fn read(
+        &self,
+        tenant: &str,
+        meters: &[&str],
+        requests: &[UsageRequest],
+    ) -> Result<UsageTable, UsageError> {
+        let meters: Vec<&Meter> = meters
+            .iter()
+            .map(|k| {
+                self.meters
+                    .meter(k)
+                    .ok_or_else(|| UsageError::UnknownMeter((*k).to_owned()))
+            })
+            .collect::<Result<_, _>>()?;
+        let (aligned, raw): (Vec<&UsageRequest>, Vec<&UsageRequest>) =
+            requests.iter().partition(|r| r.aligned());
+        let mut table = UsageTable::new();
+        if let Some(sql) = rollup_sql(tenant, &meters, &aligned)? {
+            let rows: Vec<RollupRow> = self.client.query(&sql).fetch_all().await?;
+            let by_storage: HashMap<String, &Meter> =
+                meters.iter().map(|m| (m.storage_key(), *m)).collect();
+            for row in rows {
+                let Some(meter) = by_storage.get(&row.meter) else {
+                    continue;
+                };
+                let nanos = match meter.aggregation {
+                    Aggregation::Count => i128::from(row.v_events) * UNIT,
+                    Aggregation::Sum => row.v_sum,
+                    Aggregation::Min => row.v_min,
+                    Aggregation::Max => row.v_max,
+                    Aggregation::Latest => row.v_latest,
+                    Aggregation::UniqueCount => i128::from(row.v_unique) * UNIT,
+                };
+                if row.seg == 0 {
+                    continue;
+                }
+                let value = decimal(nanos, &row.customer, &meter.key)?;
+                table
+                    .entry((row.customer, row.seg as usize - 1))
+                    .or_default()
+                    .insert(meter.key.clone(), value);
+            }
+        }
+        if let Some(sql) = raw_sql(tenant, &meters, &raw)? {
+            let rows: Vec<RawRow> = self.client.query(&sql).fetch_all().await?;
+            let requests: HashMap<&str, &UsageRequest> =
+                raw.iter().map(|r| (r.customer.as_str(), *r)).collect();
+            let mut acc = RawAccumulator::default();
+            for row in &rows {
+                let Some(request) = requests.get(row.customer.as_str()) else {
+                    continue;
+                };
+                let at = i128::from(row.t_secs) * 1_000_000_000 + i128::from(row.time_nanos);
+                let Some(seg) = request.segment_of(at) else {
+                    continue;
+                };
+                acc.add(&meters, row, seg, at, self.max_dimension_chars);
+            }
+            for ((customer, seg, meter), value) in acc.finish() {
+                let value = decimal(value, &customer, &meter)?;
+                table
+                    .entry((customer, seg))
+                    .or_default()
+                    .insert(meter, value);
+            }
+        }
+        Ok(table)
+    }
+}
+
+fn decimal(nanos: i128, customer: &str, meter: &str) -> Result<Decimal, UsageError> {
+    Decimal::try_from_i128_with_scale(nanos, 9)
+        .map(|d| d.normalize())
+        .map_err(|_| UsageError::TooLarge {
+            customer: customer.to_owned(),
+            meter: meter.to_owned(),
+            value: nanos,
+        })
+}
+
+/// A ClickHouse string literal.
+fn quote(out: &mut String, s: &str) {
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("\\'"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+}
+
+fn string_list(items: impl IntoIterator<Item = impl AsRef<str>>) -> String {
+    let mut out = String::new();
+    for (i, s) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        quote(&mut out, s.as_ref());
+    }
+    out
+}
+
+/// The rollups query for whole-hour segments: per customer, segment and meter, every
+/// merged value (the caller keeps the one of the meter's aggregation). The segment comes
+/// from the customer's own bounds, passed as constants: `seg` is 1-based, 0 or past the
+/// last segment for hours outside them.
+fn rollup_sql(
+    tenant: &str,
+    meters: &[&Meter],
+    requests: &[&UsageRequest],
+) -> Result<Option<String>, UsageError> {
+    if requests.is_empty() || meters.is_empty() {
+        return Ok(None);
+    }
+    let mut bounds = String::from("[");
+    let (mut lo, mut hi) = (u32::MAX, 0);
+    for (i, r) in requests.iter().enumerate() {
+        let secs = r.seconds()?;
+        lo = lo.min(secs[0]);
+        hi = hi.max(secs[secs.len() - 1]);
+        if i > 0 {
+            bounds.push(',');
+        }
+        let list: Vec<String> = secs.iter().map(u32::to_string).collect();
+        let _ = write!(bounds, "[{}]", list.join(","));
+    }
+    bounds.push(']');
+    let customers = string_list(requests.iter().map(|r| &r.customer));
+    let indexes: Vec<String> = (1..=requests.len()).map(|i| i.to_string()).collect();
+    let mut t = String::new();
+    quote(&mut t, tenant);
+    let meter_keys = string_list(meters.iter().map(|m| m.storage_key()));
+    // Past the last bound, arrayCount gives the bound count: no segment, like 0.
+    Ok(Some(format!(
+        "SELECT customer, seg, meter, \
+           sumMerge(events) AS v_events, sumMerge(value_sum) AS v_sum, \
+           minMerge(value_min) AS v_min, maxMerge(value_max) AS v_max, \
+           argMaxMerge(value_latest) AS v_latest, uniqExactMerge(value_unique) AS v_unique \
+         FROM (SELECT *, arrayElement({bounds}, transform(customer, [{customers}], CAST([{idx}] AS Array(UInt32)), toUInt32(0))) AS b, \
+                 toUInt32(arrayCount(x -> x <= toUInt32(hour), b)) AS raw_seg, \
+                 if(raw_seg < length(b), raw_seg, toUInt32(0)) AS seg \
+               FROM rollups_hourly \
+               WHERE tenant = {t} AND customer IN ({customers}) AND meter IN ({meter_keys}) \
+                 AND hour >= toDateTime({lo}, 'UTC') AND hour < toDateTime({hi}, 'UTC')) \
+         WHERE seg > 0 \
+         GROUP BY customer, seg, meter",
+        idx = indexes.join(","),
+    )))
+}
+
+/// The raw events of customers whose segments cut hours, in topic order (LATEST's ties).
+fn raw_sql(
+    tenant: &str,
+    meters: &[&Meter],
+    requests: &[&UsageRequest],
+) -> Result<Option<String>, UsageError> {
+    if requests.is_empty() || meters.is_empty() {
+        return Ok(None);
+    }
+    let (mut lo, mut hi) = (u32::MAX, 0);
+    for r in requests {
+        let secs = r.seconds()?;
+        lo = lo.min(secs[0]);
+        // The last bound may fall inside a second: include that second.
+        hi = hi.max(secs[secs.len() - 1].saturating_add(1));
+    }
+    let types: HashSet<&str> = meters.iter().map(|m| m.event_type.as_str()).collect();
+    let mut t = String::new();
+    quote(&mut t, tenant);
+    Ok(Some(format!(
+        "SELECT customer, type AS event_type, toUInt32(time) AS t_secs, time_nanos, data \
+         FROM events_raw \
+         WHERE tenant = {t} AND customer IN ({customers}) AND type IN ({types}) \
+           AND time >= toDateTime({lo}, 'UTC') AND time < toDateTime({hi}, 'UTC') \
+         ORDER BY kafka_partition, kafka_offset",
+        customers = string_list(requests.iter().map(|r| &r.customer)),
+        types = string_list(types),
+    )))
+}
+
+/// One meter's running value over raw events, as the aggregator's rollups combine them.
+#[derive(Debug, Default)]
+struct Running {
+    count: i128,
+    sum: i128,
+    min: Option<i128>,
+    max: Option<i128>,
+    latest: Option<(i128, i128)>,
+    unique: HashSet<String>,
+}
+
+#[derive(Debug, Default)]
+struct RawAccumulator {
+    values: BTreeMap<(String, usize, String), (Aggregation, Running)>,
+}
+
+impl RawAccumulator {
+    fn add(&mut self, meters: &[&Meter], row: &RawRow, seg: usize, at: i128, max_chars: usize) {
+        let Ok(data) = EventData::parse(&row.data) else {
+            return;
+        };
+        for meter in meters.iter().filter(|m| m.event_type == row.event_type) {
+            // The aggregator counted the event only if every meter of its type could measure it.
+            let Ok(m) = data.measure(meter, max_chars) else {
+                continue;
+            };
+            let (_, r) = self
+                .values
+                .entry((row.customer.clone(), seg, meter.key.clone()))
+                .or_insert_with(|| (meter.aggregation, Running::default()));
+            let n = match &m.value {
+                tally_core::MeterValue::Number(q) => q.nanos(),
+                _ => 0,
+            };
+            r.count += 1;
+            r.sum += n;
+            r.min = Some(r.min.map_or(n, |v| v.min(n)));
+            r.max = Some(r.max.map_or(n, |v| v.max(n)));
+            // Ties on event time keep the later record, as the rollups do.
+            if r.latest.is_none_or(|(t, _)| at >= t) {
+                r.latest = Some((at, n));
+            }
+            if let tally_core::MeterValue::Identifier(v) = m.value {
+                r.unique.insert(v);
+            }
+        }
+    }
+
+    fn finish(self) -> impl Iterator<Item = ((String, usize, String), i128)> {
+        self.values.into_iter().map(|(k, (agg, r))| {
+            let v = match agg {
+                Aggregation::Count => r.count * UNIT,
+                Aggregation::Sum => r.sum,
+                Aggregation::Min => r.min.unwrap_or_default(),
+                Aggregation::Max => r.max.unwrap_or_default(),
+                Aggregation::Latest => r.latest.map_or(0, |(_, v)| v),
+                Aggregation::UniqueCount => r.unique.len() as i128 * UNIT,
+            };
+            (k, v)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn request(customer: &str, bounds: &[OffsetDateTime]) -> UsageRequest {
+        UsageRequest {
+            customer: customer.into(),
+            bounds: bounds.to_vec(),
+        }
+    }
+
+    #[test]
+    fn segments_split_at_their_bounds() {
+        let r = request(
+            "c",
+            &[
+                datetime!(2026-11-01 0:00 UTC),
+                datetime!(2026-11-10 12:30:00.5 UTC),
+                datetime!(2026-12-01 0:00 UTC),
+            ],
+        );
+        assert!(!r.aligned());
+        let at = |t: OffsetDateTime| t.unix_timestamp_nanos();
+        assert_eq!(r.segment_of(at(datetime!(2026-10-31 23:59:59 UTC))), None);
+        assert_eq!(r.segment_of(at(datetime!(2026-11-01 0:00 UTC))), Some(0));
+        assert_eq!(
+            r.segment_of(at(datetime!(2026-11-10 12:30:00.499999999 UTC))),
+            Some(0)
+        );
+        assert_eq!(
+            r.segment_of(at(datetime!(2026-11-10 12:30:00.5 UTC))),
+            Some(1)
+        );
+        assert_eq!(r.segment_of(at(datetime!(2026-12-01 0:00 UTC))), None);
+    }
+
+    #[test]
+    fn bounds_must_increase() {
+        let t = datetime!(2026-11-01 0:00 UTC);
+        assert!(request("c", &[t]).seconds().is_err());
+        assert!(request("c", &[t, t]).seconds().is_err());
+        assert!(request("c", &[t, t - time::Duration::HOUR])
+            .seconds()
+            .is_err());
+        assert!(request("c", &[datetime!(1960-01-01 0:00 UTC), t])
+            .seconds()
+            .is_err());
+    }
+
+    #[test]
+    fn literals_are_quoted() {
+        let mut s = String::new();
+        quote(&mut s, r"it's \ here");
+        assert_eq!(s, r"'it\'s \\ here'");
+    }
+}
