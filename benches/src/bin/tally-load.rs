@@ -33,7 +33,7 @@ run, on private tansu brokers (memory storage for every figure, sqlite for the b
 
   --events N             events per round of the batched phase      [default 1000000]
   --batch B              events per batched POST                    [default 500]
-  --batch-concurrency C  connections posting batches                [default 4]
+  --batch-concurrency C  connections posting batches                [default 32]
   --raw-window W         raw producer: records in flight  [default: the producer queue bound]
   --requests N           requests per round of the one-event phase  [default 200000]
   --concurrency C        connections in the one-event phase         [default 64]
@@ -77,7 +77,7 @@ impl Options {
         let mut o = Options {
             events: if quick { 20_000 } else { 1_000_000 },
             batch: 500,
-            batch_concurrency: 4,
+            batch_concurrency: 32,
             requests: if quick { 2_000 } else { 200_000 },
             concurrency: 64,
             rounds: if quick { 1 } else { 3 },
