@@ -23,6 +23,7 @@ pub mod invoice;
 pub mod period;
 pub mod plan;
 pub mod pricing;
+pub mod run;
 pub mod usage;
 
 pub use currency::Currency;

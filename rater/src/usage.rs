@@ -164,8 +164,10 @@ impl UsageReader {
         let (aligned, raw): (Vec<&UsageRequest>, Vec<&UsageRequest>) =
             requests.iter().partition(|r| r.aligned());
         let mut table = UsageTable::new();
+        // The statements carry their values as quoted literals, so they go through
+        // query_raw: query() would take a `?` inside a customer name for a bind.
         if let Some(sql) = rollup_sql(tenant, &meters, &aligned)? {
-            let rows: Vec<RollupRow> = self.client.query(&sql).fetch_all().await?;
+            let rows: Vec<RollupRow> = self.client.query_raw(&sql).fetch_all().await?;
             let by_storage: HashMap<String, &Meter> =
                 meters.iter().map(|m| (m.storage_key(), *m)).collect();
             for row in rows {
@@ -191,7 +193,7 @@ impl UsageReader {
             }
         }
         if let Some(sql) = raw_sql(tenant, &meters, &raw)? {
-            let rows: Vec<RawRow> = self.client.query(&sql).fetch_all().await?;
+            let rows: Vec<RawRow> = self.client.query_raw(&sql).fetch_all().await?;
             let requests: HashMap<&str, &UsageRequest> =
                 raw.iter().map(|r| (r.customer.as_str(), *r)).collect();
             let mut acc = RawAccumulator::default();
@@ -240,7 +242,7 @@ fn quote(out: &mut String, s: &str) {
     out.push('\'');
 }
 
-fn string_list(items: impl IntoIterator<Item = impl AsRef<str>>) -> String {
+pub(crate) fn string_list(items: impl IntoIterator<Item = impl AsRef<str>>) -> String {
     let mut out = String::new();
     for (i, s) in items.into_iter().enumerate() {
         if i > 0 {

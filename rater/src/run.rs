@@ -1,0 +1,351 @@
+//! Invoice runs: a batch of customers' periods and plan segments, their usage in two
+//! queries at most, their invoices; final invoices stored once in ClickHouse.
+//!
+//! A *preview* prices a period to date and stores nothing. A *final* run prices a closed
+//! period and writes each invoice that is not stored yet — its header to `invoices` and its
+//! lines to `invoice_lines`, both in one insert per batch. An invoice's id is its tenant,
+//! customer and period start, so running a final run again finds every invoice stored and
+//! writes nothing; what it returns for them is what is stored, byte for byte. Two final runs
+//! of the same tenant at once are not coordinated: run one per tenant.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use tally_core::config::ClickHouseConfig;
+use time::OffsetDateTime;
+
+use crate::invoice::{Invoice, Segment};
+use crate::period::Period;
+use crate::plan::{Catalog, ChargeKind};
+use crate::usage::{string_list, UsageError, UsageReader, UsageRequest, UsageTable};
+
+/// Why a run failed. Per-customer pricing errors do not fail the run (see [`Priced`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    #[error("stored invoice {invoice_id}: {reason}")]
+    Stored { invoice_id: String, reason: String },
+}
+
+impl RunError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RunError::Usage(e) => e.is_retryable(),
+            RunError::ClickHouse(e) => matches!(
+                e,
+                clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut
+            ),
+            RunError::Stored { .. } => false,
+        }
+    }
+}
+
+/// A plan version in force over `[from, to)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanSegment {
+    pub from: OffsetDateTime,
+    pub to: OffsetDateTime,
+    pub plan: String,
+    pub version: u32,
+}
+
+/// One customer to invoice: the period and the plan segments in force during it, in order
+/// and contiguous.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Billable {
+    pub customer: String,
+    pub period: Period,
+    pub segments: Vec<PlanSegment>,
+}
+
+/// A batch's outcome, per customer, in the batch's order.
+#[derive(Debug)]
+pub struct Priced {
+    pub invoices: Vec<Invoice>,
+    /// Customers that could not be invoiced, and why (an unknown plan version, segments
+    /// that do not fit the period, an amount out of range).
+    pub refused: Vec<(String, String)>,
+}
+
+/// The invoice id: one final invoice per tenant, customer and period.
+pub fn invoice_id(tenant: &str, invoice: &Invoice) -> String {
+    format!(
+        "{tenant}/{}/{}",
+        invoice.customer,
+        invoice.period_start.unix_timestamp()
+    )
+}
+
+/// Prices a batch from usage already read. Pure.
+pub fn price(catalog: &Catalog, batch: &[Billable], usage: &UsageTable) -> Priced {
+    let mut out = Priced {
+        invoices: Vec::with_capacity(batch.len()),
+        refused: Vec::new(),
+    };
+    for b in batch {
+        let mut segments = Vec::with_capacity(b.segments.len());
+        for (i, s) in b.segments.iter().enumerate() {
+            let Some(plan) = catalog.version(&s.plan, s.version) else {
+                out.refused.push((
+                    b.customer.clone(),
+                    format!("plan {:?} has no version {}", s.plan, s.version),
+                ));
+                break;
+            };
+            segments.push(Segment {
+                from: s.from,
+                to: s.to,
+                plan,
+                usage: usage
+                    .get(&(b.customer.clone(), i))
+                    .cloned()
+                    .unwrap_or_default(),
+            });
+        }
+        if segments.len() != b.segments.len() {
+            continue;
+        }
+        match Invoice::compute(&b.customer, &b.period, &segments) {
+            Ok(inv) => out.invoices.push(inv),
+            Err(e) => out.refused.push((b.customer.clone(), e.to_string())),
+        }
+    }
+    out
+}
+
+/// The usage reads a batch needs: each customer's segment bounds, and the meters its plan
+/// versions price. A customer whose segments are not contiguous is left to [`price`],
+/// which refuses it by name.
+pub fn requests(catalog: &Catalog, batch: &[Billable]) -> (Vec<UsageRequest>, Vec<String>) {
+    let mut meters = BTreeSet::new();
+    let mut requests = Vec::with_capacity(batch.len());
+    for b in batch {
+        let contiguous = b.segments.windows(2).all(|w| w[0].to == w[1].from);
+        if b.segments.is_empty() || !contiguous {
+            continue;
+        }
+        for s in &b.segments {
+            if let Some(plan) = catalog.version(&s.plan, s.version) {
+                for c in plan.charges() {
+                    if let ChargeKind::Usage(u) = &c.kind {
+                        meters.insert(u.meter.clone());
+                    }
+                }
+            }
+        }
+        let mut bounds: Vec<OffsetDateTime> = b.segments.iter().map(|s| s.from).collect();
+        bounds.extend(b.segments.last().map(|s| s.to));
+        requests.push(UsageRequest {
+            customer: b.customer.clone(),
+            bounds,
+        });
+    }
+    (requests, meters.into_iter().collect())
+}
+
+/// Runs invoices against one ClickHouse database.
+#[derive(Clone)]
+pub struct InvoiceRun {
+    client: clickhouse::Client,
+    usage: UsageReader,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+struct InvoiceRow {
+    tenant: String,
+    customer: String,
+    invoice_id: String,
+    period_start: u32,
+    period_end: u32,
+    currency: String,
+    subtotal: String,
+    total: String,
+    /// The invoice as JSON, exactly as returned by the run that finalized it.
+    invoice: String,
+    finalized_at: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+struct LineRow {
+    tenant: String,
+    customer: String,
+    invoice_id: String,
+    period_start: u32,
+    line_no: u32,
+    segment: i32,
+    kind: String,
+    charge: String,
+    meter: String,
+    quantity: String,
+    amount: String,
+    currency: String,
+    /// The line as JSON (tier breakdown included).
+    line: String,
+}
+
+/// What a final run did.
+#[derive(Debug, Default)]
+pub struct Finalized {
+    /// Every invoice of the batch as stored, newly written or not, as JSON.
+    pub invoices: Vec<String>,
+    pub written: usize,
+    pub already_final: usize,
+    pub refused: Vec<(String, String)>,
+}
+
+impl InvoiceRun {
+    pub fn new(config: &ClickHouseConfig, usage: UsageReader) -> InvoiceRun {
+        let client = clickhouse::Client::default()
+            .with_url(&config.url)
+            .with_user(&config.user)
+            .with_password(&config.password)
+            .with_database(&config.database)
+            .with_validation(false);
+        InvoiceRun { client, usage }
+    }
+
+    /// Prices a batch with usage read now (two queries at most). Stores nothing.
+    pub async fn preview(
+        &self,
+        catalog: &Catalog,
+        tenant: &str,
+        batch: &[Billable],
+    ) -> Result<Priced, RunError> {
+        let (requests, meters) = requests(catalog, batch);
+        let meters: Vec<&str> = meters.iter().map(String::as_str).collect();
+        let usage = self.usage.read(tenant, &meters, &requests).await?;
+        Ok(price(catalog, batch, &usage))
+    }
+
+    /// Finalizes a batch of closed periods: invoices already stored are returned as stored;
+    /// the others are priced and written.
+    pub async fn finalize(
+        &self,
+        catalog: &Catalog,
+        tenant: &str,
+        batch: &[Billable],
+    ) -> Result<Finalized, RunError> {
+        let ids: Vec<String> = batch
+            .iter()
+            .map(|b| {
+                format!(
+                    "{tenant}/{}/{}",
+                    b.customer,
+                    b.period.start().unix_timestamp()
+                )
+            })
+            .collect();
+        let stored = self.stored(tenant, &ids).await?;
+        let pending: Vec<Billable> = batch
+            .iter()
+            .zip(&ids)
+            .filter(|(_, id)| !stored.contains_key(*id))
+            .map(|(b, _)| b.clone())
+            .collect();
+        let priced = self.preview(catalog, tenant, &pending).await?;
+        let now = OffsetDateTime::now_utc().unix_timestamp() as u32;
+        let mut headers = Vec::with_capacity(priced.invoices.len());
+        let mut lines = Vec::new();
+        let mut fresh: HashMap<String, String> = HashMap::new();
+        for inv in &priced.invoices {
+            let id = invoice_id(tenant, inv);
+            let json = serde_json::to_string(inv).map_err(|e| RunError::Stored {
+                invoice_id: id.clone(),
+                reason: e.to_string(),
+            })?;
+            for (n, line) in inv.lines.iter().enumerate() {
+                lines.push(LineRow {
+                    tenant: tenant.to_owned(),
+                    customer: inv.customer.clone(),
+                    invoice_id: id.clone(),
+                    period_start: inv.period_start.unix_timestamp() as u32,
+                    line_no: n as u32,
+                    segment: line.segment.map_or(-1, |s| s as i32),
+                    kind: serde_json::to_value(line.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    charge: line.charge.clone().unwrap_or_default(),
+                    meter: line.meter.clone().unwrap_or_default(),
+                    quantity: line.quantity.map(|q| q.to_string()).unwrap_or_default(),
+                    amount: line.amount.to_string(),
+                    currency: inv.currency.to_string(),
+                    line: serde_json::to_string(line).unwrap_or_default(),
+                });
+            }
+            headers.push(InvoiceRow {
+                tenant: tenant.to_owned(),
+                customer: inv.customer.clone(),
+                invoice_id: id.clone(),
+                period_start: inv.period_start.unix_timestamp() as u32,
+                period_end: inv.period_end.unix_timestamp() as u32,
+                currency: inv.currency.to_string(),
+                subtotal: inv.subtotal.to_string(),
+                total: inv.total.to_string(),
+                invoice: json.clone(),
+                finalized_at: now,
+            });
+            fresh.insert(id, json);
+        }
+        // Lines first: an invoice counts as final once its header is stored, so a run
+        // killed between the two inserts writes the lines again next time; readers join
+        // lines to headers and take one copy per (invoice_id, line_no).
+        if !lines.is_empty() {
+            let mut insert = self.client.insert::<LineRow>("invoice_lines").await?;
+            for l in &lines {
+                insert.write(l).await?;
+            }
+            insert.end().await?;
+        }
+        if !headers.is_empty() {
+            let mut insert = self.client.insert::<InvoiceRow>("invoices").await?;
+            for h in &headers {
+                insert.write(h).await?;
+            }
+            insert.end().await?;
+        }
+        let mut out = Finalized {
+            written: headers.len(),
+            already_final: stored.len(),
+            refused: priced.refused,
+            ..Finalized::default()
+        };
+        for id in &ids {
+            if let Some(json) = stored.get(id).or_else(|| fresh.get(id)) {
+                out.invoices.push(json.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored invoices among `ids`, as JSON; one query.
+    async fn stored(
+        &self,
+        tenant: &str,
+        ids: &[String],
+    ) -> Result<HashMap<String, String>, RunError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(String, String)> = self
+            .client
+            // Literals, not `?` binds: query() would take a `?` inside an id for one.
+            .query_raw(&format!(
+                "SELECT invoice_id, any(invoice) FROM invoices \
+                 WHERE tenant = {} AND invoice_id IN ({}) GROUP BY invoice_id",
+                string_list([tenant]),
+                string_list(ids)
+            ))
+            .fetch_all()
+            .await?;
+        let wanted: HashSet<&String> = ids.iter().collect();
+        Ok(rows
+            .into_iter()
+            .filter(|(id, _)| wanted.contains(id))
+            .collect())
+    }
+}

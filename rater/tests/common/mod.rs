@@ -1,0 +1,210 @@
+//! Test support: a private database with the migrations applied, events written through
+//! the aggregator's own batch and store code, and usage computed from the events alone.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde_json::json;
+use tally_aggregator::migrate;
+use tally_aggregator::rollup::{Dedupe, Incoming, Meters, PartitionBatch};
+use tally_aggregator::store::Store;
+use tally_core::config::ClickHouseConfig;
+use tally_core::Config;
+use tally_rater::usage::UsageRequest;
+use time::macros::datetime;
+use time::OffsetDateTime;
+
+pub fn config() -> Config {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/tally.dev.toml");
+    Config::parse(&std::fs::read_to_string(&path).expect("dev config"), &path).expect("parses")
+}
+
+pub fn database(name: &str) -> ClickHouseConfig {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    ClickHouseConfig {
+        url: std::env::var("TALLY_CLICKHOUSE_URL")
+            .unwrap_or_else(|_| "http://127.0.0.1:18123".into()),
+        database: format!("test_rater_{name}_{}_{nanos}", std::process::id()),
+        user: "default".into(),
+        password: String::new(),
+    }
+}
+
+/// One test event: customer, type, time and its metered field.
+#[derive(Debug, Clone)]
+pub struct Ev {
+    pub id: String,
+    pub customer: &'static str,
+    pub ty: &'static str,
+    pub time: OffsetDateTime,
+    pub value: &'static str,
+}
+
+fn data(e: &Ev) -> serde_json::Value {
+    match e.ty {
+        "request" => json!({"endpoint": e.value}),
+        "completion" => json!({"tokens": e.value, "model": "m1"}),
+        "storage" => json!({"gb": e.value}),
+        _ => json!({"user": e.value}),
+    }
+}
+
+pub fn events() -> Vec<Ev> {
+    let base = datetime!(2026-10-01 0:00 UTC);
+    let mut out = Vec::new();
+    let mut n = 0;
+    let mut push = |customer, ty, time, value| {
+        n += 1;
+        out.push(Ev {
+            id: format!("e{n}"),
+            customer,
+            ty,
+            time,
+            value,
+        });
+    };
+    for (i, c) in ["alpha", "beta", "it's"].into_iter().enumerate() {
+        for h in 0..48i64 {
+            let t = base + Duration::from_secs(h as u64 * 3600 * 7 + i as u64 * 61);
+            push(c, "request", t, "/v1/a");
+            push(c, "completion", t + Duration::from_secs(5), "12.5");
+            push(
+                c,
+                "completion",
+                t + Duration::from_millis(5500),
+                "0.000000001",
+            );
+            push(
+                c,
+                "storage",
+                t + Duration::from_secs(9),
+                ["3", "7.25", "1"][h as usize % 3],
+            );
+            push(
+                c,
+                "login",
+                t + Duration::from_secs(11),
+                ["u1", "u2", "u3", "u4"][h as usize % 4],
+            );
+        }
+    }
+    // Two completions at the same instant: LATEST keeps the later record.
+    let tie = datetime!(2026-10-05 10:30 UTC);
+    push("beta", "storage", tie, "100");
+    push("beta", "storage", tie, "200");
+    push("what?", "request", tie, "/v1/q?x");
+    out
+}
+
+/// Writes the events through the aggregator's batch (one partition, in order) and store.
+pub async fn write(db: &ClickHouseConfig, events: &[Ev]) {
+    let config = config();
+    let catalog = config.catalog();
+    let meters = Meters::new(&catalog, config.validation.max_dimension_chars);
+    let mut batch = PartitionBatch::default();
+    let dedupe = Dedupe::default();
+    for (offset, e) in events.iter().enumerate() {
+        let record = json!({"v": 1, "tenant": "demo", "id": e.id, "customer": e.customer,
+            "type": e.ty, "time": e.time.format(&time::format_description::well_known::Rfc3339).expect("time"),
+            "received_at": "2026-11-01T00:00:00Z", "data": data(e)});
+        let payload = record.to_string().into_bytes();
+        let key = format!("demo/{}", e.customer).into_bytes();
+        let outcome = batch.add(
+            &meters,
+            &dedupe,
+            Incoming {
+                partition: 0,
+                offset: offset as i64,
+                key: Some(&key),
+                payload: Some(&payload),
+            },
+        );
+        assert_eq!(outcome, tally_aggregator::rollup::Outcome::Counted, "{e:?}");
+    }
+    let mut rows = Vec::new();
+    batch.take_rows(&meters, "usage-events", 0, 1_800_000_000, &mut rows);
+    Store::new(db, Duration::from_secs(30))
+        .insert(&rows)
+        .await
+        .expect("insert");
+}
+
+/// Expected quantities per (customer, segment), computed from the events alone.
+pub fn expected(
+    events: &[Ev],
+    requests: &[UsageRequest],
+) -> BTreeMap<(String, usize), BTreeMap<String, Decimal>> {
+    let mut out: BTreeMap<(String, usize), BTreeMap<String, Decimal>> = BTreeMap::new();
+    let mut latest: BTreeMap<(String, usize), OffsetDateTime> = BTreeMap::new();
+    let mut users: BTreeMap<(String, usize), BTreeSet<&str>> = BTreeMap::new();
+    for e in events {
+        let Some(r) = requests.iter().find(|r| r.customer == e.customer) else {
+            continue;
+        };
+        let Some(seg) = r
+            .bounds
+            .windows(2)
+            .position(|w| w[0] <= e.time && e.time < w[1])
+        else {
+            continue;
+        };
+        let key = (e.customer.to_owned(), seg);
+        let m = out.entry(key.clone()).or_default();
+        let v: Decimal = e.value.parse().unwrap_or_default();
+        match e.ty {
+            "request" => *m.entry("requests".into()).or_default() += Decimal::ONE,
+            "completion" => *m.entry("tokens".into()).or_default() += v,
+            "storage" => {
+                if latest.get(&key).is_none_or(|t| e.time >= *t) {
+                    latest.insert(key.clone(), e.time);
+                    m.insert("storage_gb".into(), v);
+                }
+            }
+            _ => {
+                let set = users.entry(key).or_default();
+                set.insert(e.value);
+                m.insert("active_users".into(), Decimal::from(set.len()));
+            }
+        }
+    }
+    for m in out.values_mut() {
+        for v in m.values_mut() {
+            *v = v.normalize();
+        }
+    }
+    out
+}
+
+/// A private database with every migration applied.
+pub async fn fresh_database(name: &str) -> ClickHouseConfig {
+    let db = database(name);
+    migrate::apply(
+        &db,
+        &migrate::load(&migrate::default_dir()).expect("migrations"),
+    )
+    .await
+    .expect("migrate");
+    db
+}
+
+pub async fn drop_database(db: &ClickHouseConfig) {
+    migrate::client(db)
+        .with_database("default")
+        .query(&format!("DROP DATABASE IF EXISTS {}", db.database))
+        .execute()
+        .await
+        .expect("drop");
+}
+
+pub async fn count(db: &ClickHouseConfig, sql: &str) -> u64 {
+    migrate::client(db)
+        .query(sql)
+        .fetch_one::<u64>()
+        .await
+        .expect("count")
+}

@@ -1,0 +1,169 @@
+//! Invoice runs against the real local ClickHouse: previews priced from the aggregator's
+//! tables equal invoices priced from the events themselves, and a final run stores each
+//! invoice once and returns the same bytes when run again.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use tally_rater::run::{Billable, InvoiceRun, PlanSegment};
+use tally_rater::usage::{UsageReader, UsageRequest};
+use tally_rater::{period_containing, Catalog, Interval, Invoice, Segment};
+use time::macros::datetime;
+
+fn plans() -> Catalog {
+    Catalog::load_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/plans"))
+        .expect("plans")
+}
+
+fn segment(
+    from: time::OffsetDateTime,
+    to: time::OffsetDateTime,
+    plan: &str,
+    version: u32,
+) -> PlanSegment {
+    PlanSegment {
+        from,
+        to,
+        plan: plan.into(),
+        version,
+    }
+}
+
+#[tokio::test]
+async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
+    let db = fresh_database("invoices").await;
+    let events = events();
+    write(&db, &events).await;
+    let config = config();
+    let reader = UsageReader::new(&db, config.catalog(), config.validation.max_dimension_chars);
+    let run = InvoiceRun::new(&db, reader);
+    let plans = plans();
+
+    let anchor = datetime!(2026-01-01 0:00 UTC);
+    let period = period_containing(anchor, Interval::Monthly, datetime!(2026-10-15 0:00 UTC))
+        .expect("period");
+    let (start, end) = (period.start(), period.end());
+    let change = datetime!(2026-10-05 10:30:00.000000001 UTC);
+    let batch = vec![
+        Billable {
+            customer: "alpha".into(),
+            period,
+            segments: vec![segment(start, end, "starter", 1)],
+        },
+        // An upgrade inside an hour: usage split at the instant, each part priced by its plan.
+        Billable {
+            customer: "beta".into(),
+            period,
+            segments: vec![
+                segment(start, change, "starter", 1),
+                segment(change, end, "pro", 2),
+            ],
+        },
+        Billable {
+            customer: "it's".into(),
+            period,
+            segments: vec![segment(start, end, "pro", 1)],
+        },
+        Billable {
+            customer: "gamma?".into(),
+            period,
+            segments: vec![segment(start, end, "pro", 9)],
+        },
+    ];
+
+    // The same invoices, priced from usage computed from the events alone.
+    let requests: Vec<UsageRequest> = batch
+        .iter()
+        .map(|b| UsageRequest {
+            customer: b.customer.clone(),
+            bounds: std::iter::once(b.segments[0].from)
+                .chain(b.segments.iter().map(|s| s.to))
+                .collect(),
+        })
+        .collect();
+    let usage = expected(&events, &requests);
+    let expect: BTreeMap<String, Invoice> = batch
+        .iter()
+        .filter(|b| b.customer != "gamma?")
+        .map(|b| {
+            let segments: Vec<Segment<'_>> = b
+                .segments
+                .iter()
+                .enumerate()
+                .map(|(i, s)| Segment {
+                    from: s.from,
+                    to: s.to,
+                    plan: plans.version(&s.plan, s.version).expect("plan"),
+                    usage: usage
+                        .get(&(b.customer.clone(), i))
+                        .cloned()
+                        .unwrap_or_default(),
+                })
+                .collect();
+            let inv = Invoice::compute(&b.customer, &period, &segments).expect("invoice");
+            (b.customer.clone(), inv)
+        })
+        .collect();
+
+    let preview = run.preview(&plans, "demo", &batch).await.expect("preview");
+    let got: BTreeMap<String, Invoice> = preview
+        .invoices
+        .iter()
+        .map(|i| (i.customer.clone(), i.clone()))
+        .collect();
+    assert_eq!(got, expect);
+    assert!(got["beta"].lines.iter().any(|l| l.segment == Some(1)));
+    assert_eq!(preview.refused.len(), 1);
+    assert!(
+        preview.refused[0].1.contains("no version 9"),
+        "{:?}",
+        preview.refused
+    );
+    assert_eq!(
+        count(&db, "SELECT count() FROM invoices").await,
+        0,
+        "a preview stores nothing"
+    );
+
+    let first = run.finalize(&plans, "demo", &batch).await.expect("final");
+    assert_eq!((first.written, first.already_final), (3, 0));
+    let lines: usize = expect.values().map(|i| i.lines.len()).sum();
+    assert_eq!(
+        count(&db, "SELECT count() FROM invoice_lines").await,
+        lines as u64
+    );
+    let stored: Vec<String> = expect
+        .values()
+        .map(|i| serde_json::to_string(i).expect("json"))
+        .collect();
+    let mut first_json = first.invoices.clone();
+    first_json.sort();
+    let mut want = stored.clone();
+    want.sort();
+    assert_eq!(first_json, want);
+
+    // Late usage after the period closed does not change a final invoice.
+    let late = vec![Ev {
+        id: "late-1".into(),
+        customer: "alpha",
+        ty: "request",
+        time: datetime!(2026-10-20 8:00 UTC),
+        value: "/v1/late",
+    }];
+    write(&db, &late).await;
+    let again = run
+        .finalize(&plans, "demo", &batch)
+        .await
+        .expect("final again");
+    assert_eq!((again.written, again.already_final), (0, 3));
+    assert_eq!(again.invoices, first.invoices, "byte-identical");
+    assert_eq!(count(&db, "SELECT count() FROM invoices").await, 3);
+    assert_eq!(
+        count(&db, "SELECT count() FROM invoice_lines").await,
+        lines as u64
+    );
+
+    drop_database(&db).await;
+}
