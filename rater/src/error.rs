@@ -9,10 +9,12 @@ use time::OffsetDateTime;
 use crate::currency::Currency;
 use crate::period::Interval;
 
-/// Why a plan could not be loaded, or an amount, period or invoice could not be computed.
+/// Why a plan could not be loaded, an amount, period or invoice could not be computed, or a
+/// subscription change was refused.
 ///
-/// Everything the rater does is a pure function of its inputs, so no variant is cured by
-/// retrying: each names the input to fix.
+/// Everything the rater computes is a pure function of its inputs, so those variants are
+/// not cured by retrying: each names the input to fix. Only the subscription store's
+/// ClickHouse variants may be; [`Error::is_retryable`] says which.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -110,6 +112,96 @@ pub enum Error {
         expected: Interval,
         found: Interval,
     },
+    /// A create while the customer's subscription is in force.
+    #[error(
+        "customer {customer:?} already has a subscription: plan {plan:?} v{version} since {}",
+        rfc3339(since)
+    )]
+    AlreadySubscribed {
+        customer: String,
+        plan: String,
+        version: u32,
+        since: OffsetDateTime,
+    },
+    /// A change, migration or cancel for a customer who has never subscribed.
+    #[error("no subscription for customer {customer:?}")]
+    NoSubscription { customer: String },
+    /// A change, migration or cancel effective before the subscription starts.
+    #[error(
+        "customer {customer:?}: a change effective at {} is before the subscription starts at {}",
+        rfc3339(effective_at),
+        rfc3339(start)
+    )]
+    BeforeStart {
+        customer: String,
+        effective_at: OffsetDateTime,
+        start: OffsetDateTime,
+    },
+    /// A change, migration or cancel effective after the subscription was cancelled.
+    #[error(
+        "customer {customer:?}: the subscription was cancelled at {}; nothing can change at {}",
+        rfc3339(cancelled_at),
+        rfc3339(effective_at)
+    )]
+    AfterCancel {
+        customer: String,
+        cancelled_at: OffsetDateTime,
+        effective_at: OffsetDateTime,
+    },
+    /// No plan of that name in the catalog; `version` is the one asked for, if any.
+    #[error(
+        "plan {plan:?}{}: no such plan in the catalog",
+        version.map(|v| format!(" v{v}")).unwrap_or_default()
+    )]
+    UnknownPlan { plan: String, version: Option<u32> },
+    #[error("plan {plan:?} v{version}: no such version in the catalog (latest is v{latest})")]
+    UnknownPlanVersion {
+        plan: String,
+        version: u32,
+        latest: u32,
+    },
+    /// One field of a subscription change is invalid on its own.
+    #[error("change {change_id:?}: {field}: {reason}")]
+    InvalidChange {
+        change_id: String,
+        field: &'static str,
+        reason: String,
+    },
+    /// A change id already recorded for the customer, with other content: ids are
+    /// idempotency keys, so a different change needs a different id.
+    #[error(
+        "change id {change_id:?} is already recorded for customer {customer:?} with other content \
+         (kind, time, plan, version, anchor or migration)"
+    )]
+    ChangeIdReused { customer: String, change_id: String },
+    /// The change is valid where it stands, but a change recorded for a later instant would
+    /// then break a rule (a cancel before a scheduled plan change, say).
+    #[error(
+        "that would invalidate change {change_id:?} effective at {}: {conflict}",
+        rfc3339(effective_at)
+    )]
+    Invalidates {
+        change_id: String,
+        effective_at: OffsetDateTime,
+        conflict: Box<Error>,
+    },
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    #[error("clickhouse did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+impl Error {
+    /// ClickHouse being unreachable or slow clears up by itself; nothing else does.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout(_)
+                | Error::ClickHouse(
+                    clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut
+                )
+        )
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

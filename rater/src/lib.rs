@@ -11,6 +11,9 @@
 //! - [`period`]: billing periods from an anchor, and exact proration fractions.
 //! - [`invoice`]: one customer's invoice for one period; the rounding rule lives there.
 //! - [`entitlements`]: features and limits of a plan version, and what a migration changes.
+//! - [`subscription`]: a customer's subscription as a fold over its change log, and the
+//!   rules a new change must pass.
+//! - [`store`]: the subscription change log in ClickHouse, read in one query per batch.
 //!
 //! Money is `rust_decimal::Decimal`, never a float, and is computed exactly: a result that
 //! cannot be held exactly is an error, not a rounded figure.
@@ -24,6 +27,8 @@ pub mod period;
 pub mod plan;
 pub mod pricing;
 pub mod run;
+pub mod store;
+pub mod subscription;
 pub mod usage;
 
 pub use currency::Currency;
@@ -36,3 +41,5 @@ pub use period::{period_containing, Fraction, Interval, Period};
 pub use plan::{Catalog, Charge, ChargeKind, PlanVersion, UsageCharge};
 pub use pricing::{price, Model, Priced, Tier, TierAmount};
 pub use rust_decimal::Decimal;
+pub use store::{Recorded, SubscriptionStore};
+pub use subscription::{Change, ChangeKind, NewChange, SegmentRef, Timeline};

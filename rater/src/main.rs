@@ -1,0 +1,556 @@
+//! `tally-rater`: subscriptions from the command line.
+//!
+//! ```text
+//! tally-rater [--config FILE] [--plans DIR] [--json] COMMAND [FLAGS]
+//!   migrate   [--schemas DIR]
+//!   subscribe --tenant T --customer C --plan P [--version N] --start TIME [--anchor TIME]
+//!   change    --tenant T --customer C --plan P [--version N] --at TIME [--migration ID]
+//!   cancel    --tenant T --customer C --at TIME
+//!   list      --tenant T [--at TIME]
+//!   history   --tenant T --customer C
+//! ```
+//!
+//! subscribe, change and cancel also take `--actor A` (default `$USER`), `--reason R` and
+//! `--change-id ID` (the idempotency key; default derived from the change, so running the
+//! same command twice records it once). TIME is RFC 3339 in whole seconds. `--schemas`
+//! defaults to `TALLY_SCHEMAS`, then the repository's `schemas/clickhouse`. `--config`
+//! defaults to `TALLY_CONFIG`, then `config/tally.dev.toml`; `TALLY_CLICKHOUSE_URL` and
+//! `TALLY_CLICKHOUSE_DATABASE` override the file. `--plans` defaults to `config/plans`.
+//! Output is a table, or JSON lines with `--json`. Exit status: 0 done (or already done),
+//! 1 refused or failed, 2 bad arguments.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use serde::Serialize;
+use tally_core::Config;
+use tally_rater::store::{Recorded, SubscriptionStore};
+use tally_rater::subscription::{Change, ChangeKind, NewChange, Status};
+use tally_rater::Catalog;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+const USAGE: &str = "\
+usage: tally-rater [--config FILE] [--plans DIR] [--json] COMMAND [FLAGS]
+  migrate   [--schemas DIR]
+  subscribe --tenant T --customer C --plan P [--version N] --start TIME [--anchor TIME]
+  change    --tenant T --customer C --plan P [--version N] --at TIME [--migration ID]
+  cancel    --tenant T --customer C --at TIME
+  list      --tenant T [--at TIME]
+  history   --tenant T --customer C
+subscribe, change and cancel also take [--actor A] [--reason R] [--change-id ID].
+TIME is RFC 3339 in whole seconds, like 2025-01-01T00:00:00Z.";
+
+/// Flags each command takes; `*` marks the required ones.
+const COMMANDS: &[(&str, &[&str])] = &[
+    ("migrate", &["schemas"]),
+    (
+        "subscribe",
+        &[
+            "tenant*",
+            "customer*",
+            "plan*",
+            "version",
+            "start*",
+            "anchor",
+            "actor",
+            "reason",
+            "change-id",
+        ],
+    ),
+    (
+        "change",
+        &[
+            "tenant*",
+            "customer*",
+            "plan*",
+            "version",
+            "at*",
+            "migration",
+            "actor",
+            "reason",
+            "change-id",
+        ],
+    ),
+    (
+        "cancel",
+        &[
+            "tenant*",
+            "customer*",
+            "at*",
+            "actor",
+            "reason",
+            "change-id",
+        ],
+    ),
+    ("list", &["tenant*", "at"]),
+    ("history", &["tenant*", "customer*"]),
+];
+
+/// Flags any command takes.
+const GLOBAL: &[&str] = &["config", "plans"];
+
+/// A mistake in the command line: exit status 2, with the usage.
+#[derive(Debug)]
+struct ArgError(String);
+
+impl fmt::Display for ArgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ArgError {}
+
+fn arg_error(message: String) -> anyhow::Error {
+    ArgError(message).into()
+}
+
+#[derive(Debug)]
+struct Args {
+    command: &'static str,
+    json: bool,
+    flags: BTreeMap<&'static str, String>,
+}
+
+impl Args {
+    fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Args> {
+        let mut args = args.into_iter();
+        let mut command: Option<(&'static str, &'static [&'static str])> = None;
+        let mut json = false;
+        let mut given: Vec<(String, String)> = Vec::new();
+        while let Some(arg) = args.next() {
+            if matches!(arg.as_str(), "--help" | "-h" | "help") {
+                return Ok(Args {
+                    command: "help",
+                    json,
+                    flags: BTreeMap::new(),
+                });
+            } else if arg == "--json" {
+                json = true;
+            } else if let Some(flag) = arg.strip_prefix("--") {
+                let (name, value) = match flag.split_once('=') {
+                    Some((name, value)) => (name.to_owned(), value.to_owned()),
+                    None => {
+                        let value = args
+                            .next()
+                            .ok_or_else(|| arg_error(format!("--{flag} needs a value")))?;
+                        (flag.to_owned(), value)
+                    }
+                };
+                given.push((name, value));
+            } else if command.is_none() {
+                command = Some(
+                    COMMANDS
+                        .iter()
+                        .find(|(name, _)| *name == arg)
+                        .copied()
+                        .ok_or_else(|| arg_error(format!("unknown command {arg:?}")))?,
+                );
+            } else {
+                return Err(arg_error(format!("unexpected argument {arg:?}")));
+            }
+        }
+        let (command, known) = command.ok_or_else(|| arg_error("no command given".into()))?;
+        let mut flags = BTreeMap::new();
+        for (name, value) in given {
+            let Some(spec) = known
+                .iter()
+                .chain(GLOBAL)
+                .find(|s| s.trim_end_matches('*') == name)
+            else {
+                return Err(arg_error(format!("{command} takes no flag --{name}")));
+            };
+            if flags.insert(spec.trim_end_matches('*'), value).is_some() {
+                return Err(arg_error(format!("--{name} given twice")));
+            }
+        }
+        for spec in known.iter().filter_map(|s| s.strip_suffix('*')) {
+            if !flags.contains_key(spec) {
+                return Err(arg_error(format!("{command} needs --{spec}")));
+            }
+        }
+        Ok(Args {
+            command,
+            json,
+            flags,
+        })
+    }
+
+    fn get(&self, flag: &str) -> Option<&str> {
+        self.flags.get(flag).map(String::as_str)
+    }
+
+    /// A required flag (checked present by `parse`).
+    fn required(&self, flag: &str) -> anyhow::Result<&str> {
+        self.get(flag)
+            .ok_or_else(|| arg_error(format!("{} needs --{flag}", self.command)))
+    }
+
+    fn time(&self, flag: &str) -> anyhow::Result<Option<OffsetDateTime>> {
+        let Some(text) = self.get(flag) else {
+            return Ok(None);
+        };
+        let t = OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
+            arg_error(format!(
+                "--{flag}: {text:?} is not an RFC 3339 time (like 2025-01-01T00:00:00Z)"
+            ))
+        })?;
+        if t.nanosecond() != 0 {
+            return Err(arg_error(format!(
+                "--{flag}: {text:?} has a fraction of a second; subscriptions change on whole seconds"
+            )));
+        }
+        Ok(Some(t))
+    }
+
+    fn version(&self) -> anyhow::Result<Option<u32>> {
+        self.get("version")
+            .map(|v| {
+                v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    arg_error(format!(
+                        "--version: {v:?} is not a version number (1, 2, …)"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    /// Who, why and which id, for the commands that record a change.
+    fn audit(&self, mut change: NewChange) -> NewChange {
+        change.actor = self
+            .get("actor")
+            .map(str::to_owned)
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "unknown".to_owned());
+        change.reason = self.get("reason").unwrap_or_default().to_owned();
+        change.change_id = self.get("change-id").map(str::to_owned);
+        change
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Args::parse(std::env::args().skip(1))).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<ArgError>() => {
+            eprintln!("tally-rater: {e}\n{USAGE}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("tally-rater: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, each once (some messages already quote their cause).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+async fn run(args: anyhow::Result<Args>) -> anyhow::Result<()> {
+    let args = args?;
+    if args.command == "help" {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    let config_path = match args.get("config") {
+        Some(p) => Some(PathBuf::from(p)),
+        None if std::env::var_os("TALLY_CONFIG").is_some() => None,
+        None => Some(PathBuf::from("config/tally.dev.toml")),
+    };
+    let config = Config::load(config_path.as_deref())?;
+    let store = SubscriptionStore::new(&config.clickhouse);
+    let plans = || -> anyhow::Result<Catalog> {
+        let dir = Path::new(args.get("plans").unwrap_or("config/plans"));
+        Catalog::load_dir(dir).with_context(|| format!("loading plans from {}", dir.display()))
+    };
+    let out = Output { json: args.json };
+    match args.command {
+        "migrate" => {
+            let dir = args
+                .get("schemas")
+                .map_or_else(tally_aggregator::migrate::default_dir, PathBuf::from);
+            let migrations = tally_aggregator::migrate::load(&dir)?;
+            let applied = tally_aggregator::migrate::apply(&config.clickhouse, &migrations)
+                .await
+                .with_context(|| format!("applying migrations to {}", config.clickhouse.url))?;
+            if out.json {
+                out.line(&serde_json::json!({
+                    "database": config.clickhouse.database,
+                    "applied": applied,
+                }))?;
+            } else {
+                println!(
+                    "clickhouse {} database {}: applied now: {applied:?}",
+                    config.clickhouse.url, config.clickhouse.database
+                );
+            }
+        }
+        "subscribe" | "change" => {
+            let (tenant, customer, plan) = (
+                args.required("tenant")?,
+                args.required("customer")?,
+                args.required("plan")?,
+            );
+            let mut change = if args.command == "subscribe" {
+                let start = args.time("start")?.context("subscribe needs --start")?;
+                let mut c = NewChange::create(tenant, customer, plan, start);
+                c.billing_anchor = args.time("anchor")?;
+                c
+            } else {
+                let at = args.time("at")?.context("change needs --at")?;
+                match args.get("migration") {
+                    Some(m) => NewChange::migrate(tenant, customer, plan, at, m),
+                    None => NewChange::change(tenant, customer, plan, at),
+                }
+            };
+            change.version = args.version()?;
+            let recorded = store.record(&plans()?, args.audit(change)).await?;
+            out.recorded(&recorded)?;
+        }
+        "cancel" => {
+            let at = args.time("at")?.context("cancel needs --at")?;
+            let change =
+                NewChange::cancel(args.required("tenant")?, args.required("customer")?, at);
+            // A cancel names no plan: it needs no catalog.
+            let recorded = store
+                .record(&Catalog::default(), args.audit(change))
+                .await?;
+            out.recorded(&recorded)?;
+        }
+        "list" => {
+            let at = args.time("at")?.unwrap_or_else(OffsetDateTime::now_utc);
+            let statuses = store.list(args.required("tenant")?, at).await?;
+            out.list(&statuses)?;
+        }
+        "history" => {
+            let customer = args.required("customer")?;
+            let changes = store.history(args.required("tenant")?, customer).await?;
+            out.history(customer, &changes)?;
+        }
+        other => unreachable!("command {other} is in COMMANDS"),
+    }
+    Ok(())
+}
+
+struct Output {
+    json: bool,
+}
+
+impl Output {
+    fn line(&self, value: &impl Serialize) -> anyhow::Result<()> {
+        println!("{}", serde_json::to_string(value)?);
+        Ok(())
+    }
+
+    fn recorded(&self, recorded: &Recorded) -> anyhow::Result<()> {
+        let (result, c) = match recorded {
+            Recorded::Written(c) => ("written", c),
+            Recorded::AlreadyRecorded(c) => ("already_recorded", c),
+        };
+        if self.json {
+            return self.line(&serde_json::json!({ "result": result, "change": c }));
+        }
+        let what = match c.kind {
+            ChangeKind::Create => format!("subscription to {} v{}", c.plan, c.version),
+            ChangeKind::Change => format!("change to {} v{}", c.plan, c.version),
+            ChangeKind::Migrate => {
+                format!("migration {} to {} v{}", c.migration_id, c.plan, c.version)
+            }
+            ChangeKind::Cancel => "cancel".to_owned(),
+        };
+        let head = match recorded {
+            Recorded::Written(_) => "recorded",
+            Recorded::AlreadyRecorded(_) => "already recorded, nothing written",
+        };
+        println!(
+            "{head}: {what} for customer {:?} of tenant {:?} effective {} (anchor {}), change id {}",
+            c.customer,
+            c.tenant,
+            time(c.effective_at),
+            time(c.billing_anchor),
+            c.change_id
+        );
+        Ok(())
+    }
+
+    fn list(&self, statuses: &[Status]) -> anyhow::Result<()> {
+        if self.json {
+            return statuses.iter().try_for_each(|s| self.line(s));
+        }
+        table(
+            &["CUSTOMER", "STATE", "PLAN", "ANCHOR", "SINCE"],
+            statuses.iter().map(|s| {
+                vec![
+                    s.customer.clone(),
+                    s.state.to_string(),
+                    format!("{} v{}", s.plan, s.version),
+                    time(s.billing_anchor),
+                    time(s.since),
+                ]
+            }),
+        );
+        Ok(())
+    }
+
+    fn history(&self, customer: &str, changes: &[Change]) -> anyhow::Result<()> {
+        if self.json {
+            return changes.iter().try_for_each(|c| self.line(c));
+        }
+        if changes.is_empty() {
+            println!("no subscription changes for customer {customer:?}");
+            return Ok(());
+        }
+        table(
+            &[
+                "EFFECTIVE",
+                "KIND",
+                "PLAN",
+                "ANCHOR",
+                "RECORDED",
+                "ACTOR",
+                "REASON",
+                "CHANGE ID",
+            ],
+            changes.iter().map(|c| {
+                vec![
+                    time(c.effective_at),
+                    match c.migration_id.as_str() {
+                        "" => c.kind.to_string(),
+                        m => format!("{} ({m})", c.kind),
+                    },
+                    match c.kind {
+                        ChangeKind::Cancel => "-".to_owned(),
+                        _ => format!("{} v{}", c.plan, c.version),
+                    },
+                    time(c.billing_anchor),
+                    time(c.recorded_at),
+                    c.actor.clone(),
+                    c.reason.clone(),
+                    c.change_id.clone(),
+                ]
+            }),
+        );
+        Ok(())
+    }
+}
+
+fn time(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| format!("{t:?}"))
+}
+
+/// Left-aligned columns, two spaces apart; control characters shown as spaces.
+fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows
+        .map(|r| {
+            r.into_iter()
+                .map(|c| c.replace(char::is_control, " "))
+                .collect()
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let print = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut line = String::new();
+        for (cell, w) in cells.zip(&widths) {
+            line.push_str(cell);
+            line.extend(std::iter::repeat_n(' ', w + 2 - cell.chars().count()));
+        }
+        println!("{}", line.trim_end());
+    };
+    print(&mut header.iter().copied());
+    for row in &rows {
+        print(&mut row.iter().map(String::as_str));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> anyhow::Result<Args> {
+        Args::parse(line.split_whitespace().map(str::to_owned))
+    }
+
+    fn refusal(line: &str) -> String {
+        let e = parse(line).expect_err("refused");
+        assert!(e.is::<ArgError>(), "{e}");
+        e.to_string()
+    }
+
+    #[test]
+    fn flags_go_anywhere_and_take_values() {
+        let a = parse(
+            "--json subscribe --tenant t --customer=c --plan pro --start 2025-01-01T00:00:00Z \
+             --plans /p --version 2",
+        )
+        .expect("parses");
+        assert_eq!(a.command, "subscribe");
+        assert!(a.json);
+        assert_eq!(a.get("customer"), Some("c"));
+        assert_eq!(a.get("plans"), Some("/p"));
+        assert_eq!(a.version().expect("version"), Some(2));
+        assert_eq!(
+            a.time("start").expect("time"),
+            Some(time::macros::datetime!(2025-01-01 0:00 UTC))
+        );
+        assert_eq!(parse("history --help").expect("help").command, "help");
+    }
+
+    #[test]
+    fn argument_errors_name_the_flag() {
+        assert_eq!(
+            refusal("subscribe --tenant t --customer c --start 2025-01-01T00:00:00Z"),
+            "subscribe needs --plan"
+        );
+        assert_eq!(refusal("list --tenant"), "--tenant needs a value");
+        assert_eq!(
+            refusal("cancel --tenant t --customer c --at x --plan p"),
+            "cancel takes no flag --plan"
+        );
+        assert_eq!(
+            refusal("list --tenant a --tenant b"),
+            "--tenant given twice"
+        );
+        assert_eq!(refusal("bill --tenant a"), "unknown command \"bill\"");
+        assert_eq!(refusal("--json"), "no command given");
+        assert_eq!(
+            refusal("list extra --tenant a"),
+            "unexpected argument \"extra\""
+        );
+        let a = parse("list --tenant t --at 2025-01-01T00:00:00.5Z").expect("parses");
+        let e = a.time("at").expect_err("fraction");
+        assert!(e.to_string().starts_with("--at: "), "{e}");
+        let a =
+            parse("change --tenant t --customer c --plan p --at x --version 0").expect("parses");
+        assert!(a
+            .version()
+            .expect_err("zero")
+            .to_string()
+            .starts_with("--version: "));
+        assert!(a
+            .time("at")
+            .expect_err("bad")
+            .to_string()
+            .starts_with("--at: \"x\""));
+    }
+}
