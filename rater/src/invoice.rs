@@ -32,7 +32,7 @@
 use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -60,7 +60,7 @@ pub struct Segment<'a> {
 
 /// An invoice: serializes to the same bytes for the same inputs (decimals as strings, times
 /// in RFC 3339, fields and lines in a fixed order).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invoice {
     pub customer: String,
     #[serde(with = "time::serde::rfc3339")]
@@ -79,7 +79,7 @@ pub struct Invoice {
 
 /// A segment as billed: which plan version priced it, by its content digest, and its share
 /// of the period.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentSummary {
     #[serde(with = "time::serde::rfc3339")]
     pub from: OffsetDateTime,
@@ -93,7 +93,7 @@ pub struct SegmentSummary {
     pub period_seconds: Decimal,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LineKind {
     Flat,
@@ -114,36 +114,36 @@ impl LineKind {
 }
 
 /// One invoice line. Fields that do not apply to its kind are absent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Line {
     /// Index into `Invoice::segments`; absent on the invoice-minimum line.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub segment: Option<usize>,
     pub kind: LineKind,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub charge: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meter: Option<String>,
     /// Usage in the segment.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantity: Option<Decimal>,
     /// The prorated free allowance, when the charge has one.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub included: Option<Decimal>,
     /// `max(0, quantity − included)`: what the model priced.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub billable_quantity: Option<Decimal>,
     /// Per-unit and volume: the price of each unit. Flat: the fee for a full period.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit_price: Option<Decimal>,
     /// Package: blocks charged.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packages: Option<Decimal>,
     /// Top-up lines: the prorated minimum the top-up makes up to.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minimum: Option<Decimal>,
     /// Graduated and volume: what each tier contributed, exact.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tiers: Vec<TierAmount>,
     /// Rounded to the currency's minor unit.
     pub amount: Decimal,

@@ -6,7 +6,7 @@
 //! amount `Decimal` cannot hold exactly is `Error::Overflow`, never a rounded figure.
 
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::exact;
@@ -38,14 +38,14 @@ pub struct Tier {
 }
 
 /// What one tier contributed to an amount.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierAmount {
     /// Position in the model's `tiers`, from 0, as in the plan file's error paths.
     pub tier: usize,
     /// Exclusive lower bound of the tier.
     pub from: Decimal,
     /// Inclusive upper bound; absent for the open-ended tier.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<Decimal>,
     /// Units priced in this tier (volume: all of them).
     pub units: Decimal,

@@ -17,6 +17,7 @@ use time::OffsetDateTime;
 use crate::invoice::{Invoice, Segment};
 use crate::period::Period;
 use crate::plan::{Catalog, ChargeKind};
+use crate::subscription::SegmentRef;
 use crate::usage::{string_list, UsageError, UsageReader, UsageRequest, UsageTable};
 
 /// Why a run failed. Per-customer pricing errors do not fail the run (see [`Priced`]).
@@ -44,22 +45,13 @@ impl RunError {
     }
 }
 
-/// A plan version in force over `[from, to)`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlanSegment {
-    pub from: OffsetDateTime,
-    pub to: OffsetDateTime,
-    pub plan: String,
-    pub version: u32,
-}
-
 /// One customer to invoice: the period and the plan segments in force during it, in order
 /// and contiguous.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Billable {
     pub customer: String,
     pub period: Period,
-    pub segments: Vec<PlanSegment>,
+    pub segments: Vec<SegmentRef>,
 }
 
 /// A batch's outcome, per customer, in the batch's order.

@@ -7,7 +7,8 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use tally_rater::run::{Billable, InvoiceRun, PlanSegment};
+use tally_rater::run::{Billable, InvoiceRun};
+use tally_rater::subscription::SegmentRef;
 use tally_rater::usage::{UsageReader, UsageRequest};
 use tally_rater::{period_containing, Catalog, Interval, Invoice, Segment};
 use time::macros::datetime;
@@ -22,8 +23,8 @@ fn segment(
     to: time::OffsetDateTime,
     plan: &str,
     version: u32,
-) -> PlanSegment {
-    PlanSegment {
+) -> SegmentRef {
+    SegmentRef {
         from,
         to,
         plan: plan.into(),
@@ -143,6 +144,11 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
     let mut want = stored.clone();
     want.sort();
     assert_eq!(first_json, want);
+    for json in &first.invoices {
+        let back: Invoice = serde_json::from_str(json).expect("a stored invoice reads back");
+        assert_eq!(&serde_json::to_string(&back).expect("json"), json);
+        assert!(back.to_csv().lines().count() == back.lines.len() + 1);
+    }
 
     // Late usage after the period closed does not change a final invoice.
     let late = vec![Ev {
