@@ -27,9 +27,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use serde::Serialize;
 use tally_core::Config;
+use tally_rater::run::{billables, Billable, InvoiceRun};
 use tally_rater::store::{Recorded, SubscriptionStore};
 use tally_rater::subscription::{Change, ChangeKind, NewChange, Status};
-use tally_rater::Catalog;
+use tally_rater::usage::UsageReader;
+use tally_rater::{Catalog, Invoice};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -41,7 +43,12 @@ usage: tally-rater [--config FILE] [--plans DIR] [--json] COMMAND [FLAGS]
   cancel    --tenant T --customer C --at TIME
   list      --tenant T [--at TIME]
   history   --tenant T --customer C
+  invoice   --tenant T [--at TIME] [--mode preview|final] [--grace-hours H] [--format json|csv]
+            [--batch N]
 subscribe, change and cancel also take [--actor A] [--reason R] [--change-id ID].
+invoice prices each subscribed customer's period that contains --at (default now):
+preview stores nothing; final needs the period closed --grace-hours ago (default 24),
+stores each invoice once, and prints what is stored.
 TIME is RFC 3339 in whole seconds, like 2025-01-01T00:00:00Z.";
 
 /// Flags each command takes; `*` marks the required ones.
@@ -88,6 +95,10 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ),
     ("list", &["tenant*", "at"]),
     ("history", &["tenant*", "customer*"]),
+    (
+        "invoice",
+        &["tenant*", "at", "mode", "grace-hours", "format", "batch"],
+    ),
 ];
 
 /// Flags any command takes.
@@ -343,9 +354,105 @@ async fn run(args: anyhow::Result<Args>) -> anyhow::Result<()> {
             let changes = store.history(args.required("tenant")?, customer).await?;
             out.history(customer, &changes)?;
         }
+        "invoice" => invoice(&args, &config, &plans()?).await?,
         other => unreachable!("command {other} is in COMMANDS"),
     }
     Ok(())
+}
+
+/// `invoice`: previews or final invoices for a tenant's customers, batch by batch.
+async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Result<()> {
+    let tenant = args.required("tenant")?;
+    let now = OffsetDateTime::now_utc();
+    let at = args.time("at")?.unwrap_or(now);
+    let final_run = match args.get("mode").unwrap_or("preview") {
+        "preview" => false,
+        "final" => true,
+        other => {
+            return Err(arg_error(format!(
+                "--mode: {other:?} is not preview or final"
+            )))
+        }
+    };
+    let csv = match args.get("format").unwrap_or("json") {
+        "json" => false,
+        "csv" => true,
+        other => return Err(arg_error(format!("--format: {other:?} is not json or csv"))),
+    };
+    let number = |flag: &str, default: u64| -> anyhow::Result<u64> {
+        args.get(flag).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| arg_error(format!("--{flag}: {v:?} is not a whole number")))
+        })
+    };
+    let grace = time::Duration::hours(number("grace-hours", 24)? as i64);
+    let batch_size = number("batch", 10_000)?.max(1) as usize;
+
+    let store = SubscriptionStore::new(&config.clickhouse);
+    let reader = UsageReader::new(
+        &config.clickhouse,
+        config.catalog(),
+        config.validation.max_dimension_chars,
+    );
+    let run = InvoiceRun::new(&config.clickhouse, reader);
+    let (batches, mut refused) = billables(&store, plans, tenant, at, batch_size).await?;
+    let mut header = true;
+    let mut print = |inv: &Invoice| {
+        if csv {
+            let text = inv.to_csv();
+            let body = if header {
+                text.as_str()
+            } else {
+                text.split_once('\n').map_or("", |(_, rest)| rest)
+            };
+            print!("{body}");
+            header = false;
+        } else if let Ok(json) = serde_json::to_string(inv) {
+            println!("{json}");
+        }
+    };
+    let (mut written, mut already) = (0, 0);
+    for batch in batches {
+        if final_run {
+            let (closed, open): (Vec<Billable>, Vec<Billable>) = batch
+                .into_iter()
+                .partition(|b| b.period.end() + grace <= now);
+            refused.extend(open.into_iter().map(|b| {
+                let ready = b.period.end() + grace;
+                (
+                    b.customer,
+                    format!("period not closed until {}", time_text(ready)),
+                )
+            }));
+            let done = run.finalize(plans, tenant, &closed).await?;
+            written += done.written;
+            already += done.already_final;
+            refused.extend(done.refused);
+            for json in &done.invoices {
+                if csv {
+                    let inv: Invoice = serde_json::from_str(json)?;
+                    print(&inv);
+                } else {
+                    println!("{json}");
+                }
+            }
+        } else {
+            let priced = run.preview(plans, tenant, &batch).await?;
+            refused.extend(priced.refused);
+            priced.invoices.iter().for_each(&mut print);
+        }
+    }
+    for (customer, reason) in &refused {
+        eprintln!("tally-rater: customer {customer:?} not invoiced: {reason}");
+    }
+    if final_run {
+        eprintln!("tally-rater: final run: {written} invoices written, {already} already final");
+    }
+    Ok(())
+}
+
+fn time_text(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
 }
 
 struct Output {

@@ -15,9 +15,11 @@ use tally_core::config::ClickHouseConfig;
 use time::OffsetDateTime;
 
 use crate::invoice::{Invoice, Segment};
+use crate::period::period_containing;
 use crate::period::Period;
 use crate::plan::{Catalog, ChargeKind};
-use crate::subscription::SegmentRef;
+use crate::store::SubscriptionStore;
+use crate::subscription::{SegmentRef, State};
 use crate::usage::{string_list, UsageError, UsageReader, UsageRequest, UsageTable};
 
 /// Why a run failed. Per-customer pricing errors do not fail the run (see [`Priced`]).
@@ -30,6 +32,8 @@ pub enum RunError {
     ClickHouse(#[from] clickhouse::error::Error),
     #[error("stored invoice {invoice_id}: {reason}")]
     Stored { invoice_id: String, reason: String },
+    #[error(transparent)]
+    Subscriptions(#[from] crate::Error),
 }
 
 impl RunError {
@@ -41,6 +45,7 @@ impl RunError {
                 clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut
             ),
             RunError::Stored { .. } => false,
+            RunError::Subscriptions(e) => e.is_retryable(),
         }
     }
 }
@@ -61,6 +66,73 @@ pub struct Priced {
     /// Customers that could not be invoiced, and why (an unknown plan version, segments
     /// that do not fit the period, an amount out of range).
     pub refused: Vec<(String, String)>,
+}
+
+/// The customers of `tenant` to invoice for the periods that contain `at`, in batches of at
+/// most `batch_size`: each customer's own period (its billing anchor, the interval of the
+/// plan version in force at `at`) and the plan segments inside it, from one segments query
+/// per batch. A customer whose subscription was cancelled during that period is included
+/// up to the cancel. Customers that cannot be placed are returned with the reason.
+pub async fn billables(
+    store: &SubscriptionStore,
+    catalog: &Catalog,
+    tenant: &str,
+    at: OffsetDateTime,
+    batch_size: usize,
+) -> Result<(Vec<Vec<Billable>>, Vec<(String, String)>), RunError> {
+    let mut periods = Vec::new();
+    let mut refused = Vec::new();
+    for status in store.list(tenant, at).await? {
+        if status.state == State::Scheduled {
+            continue;
+        }
+        let Some(plan) = catalog.version(&status.plan, status.version) else {
+            refused.push((
+                status.customer,
+                format!("plan {:?} has no version {}", status.plan, status.version),
+            ));
+            continue;
+        };
+        match period_containing(status.billing_anchor, plan.interval(), at) {
+            Ok(p) if status.state == State::Active || status.since > p.start() => {
+                periods.push((status.customer, p))
+            }
+            Ok(_) => {}
+            Err(e) => refused.push((status.customer, e.to_string())),
+        }
+    }
+    let mut batches = Vec::new();
+    for chunk in periods.chunks(batch_size.max(1)) {
+        let customers: Vec<String> = chunk.iter().map(|(c, _)| c.clone()).collect();
+        let from = chunk.iter().map(|(_, p)| p.start()).min();
+        let to = chunk.iter().map(|(_, p)| p.end()).max();
+        let (Some(from), Some(to)) = (from, to) else {
+            continue;
+        };
+        let mut segments = store.segments(tenant, &customers, from, to).await?;
+        let batch = chunk
+            .iter()
+            .map(|(customer, period)| Billable {
+                customer: customer.clone(),
+                period: *period,
+                segments: segments
+                    .remove(customer)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|s| clip(s, period))
+                    .collect(),
+            })
+            .collect();
+        batches.push(batch);
+    }
+    Ok((batches, refused))
+}
+
+/// The part of a segment inside a period.
+fn clip(s: SegmentRef, period: &Period) -> Option<SegmentRef> {
+    let from = s.from.max(period.start());
+    let to = s.to.min(period.end());
+    (from < to).then_some(SegmentRef { from, to, ..s })
 }
 
 /// The invoice id: one final invoice per tenant, customer and period.
