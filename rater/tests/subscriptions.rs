@@ -726,3 +726,87 @@ async fn cli_subscribe_and_history() {
     );
     assert_eq!(db.rows().await, 1);
 }
+
+#[tokio::test]
+async fn cli_invoice_preview_and_final() {
+    let db = Db::new("cli_invoice").await;
+    for args in [
+        &[
+            "subscribe",
+            "--tenant",
+            "demo",
+            "--customer",
+            "acme-co",
+            "--plan",
+            "starter",
+            "--start",
+            "2025-10-01T00:00:00Z",
+        ][..],
+        &[
+            "change",
+            "--tenant",
+            "demo",
+            "--customer",
+            "acme-co",
+            "--plan",
+            "pro",
+            "--version",
+            "2",
+            "--at",
+            "2025-10-20T12:30:00Z",
+        ][..],
+    ] {
+        let out = cli(&db, args).await;
+        assert!(out.status.success(), "{:?}", text(&out));
+    }
+    let period = [
+        "invoice",
+        "--tenant",
+        "demo",
+        "--at",
+        "2025-10-15T00:00:00Z",
+    ];
+
+    // A preview stores nothing and splits the period at the upgrade.
+    let out = cli(&db, &[&period[..], &["--format", "csv"]].concat()).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.starts_with("customer,period_start,"), "{stdout}");
+    assert!(stdout.contains(",0,starter,1,flat,platform,"), "{stdout}");
+    assert!(stdout.contains(",1,pro,2,flat,platform,"), "{stdout}");
+
+    // Final, twice: written once, then returned as stored, byte for byte.
+    let final_run = [&period[..], &["--mode", "final"]].concat();
+    let first = cli(&db, &final_run).await;
+    let (json1, stderr) = text(&first);
+    assert!(first.status.success(), "{json1}{stderr}");
+    assert!(
+        stderr.contains("1 invoices written, 0 already final"),
+        "{stderr}"
+    );
+    let invoice: serde_json::Value = serde_json::from_str(json1.trim()).expect("one JSON invoice");
+    assert_eq!(invoice["customer"], "acme-co");
+    assert_eq!(invoice["period_start"], "2025-10-01T00:00:00Z");
+    let second = cli(&db, &final_run).await;
+    let (json2, stderr) = text(&second);
+    assert!(
+        stderr.contains("0 invoices written, 1 already final"),
+        "{stderr}"
+    );
+    assert_eq!(json1, json2);
+
+    // The current period is not closed yet; a bad mode is an argument error.
+    let out = cli(&db, &["invoice", "--tenant", "demo", "--mode", "final"]).await;
+    assert!(
+        text(&out).1.contains("period not closed until"),
+        "{:?}",
+        text(&out)
+    );
+    let out = cli(&db, &["invoice", "--tenant", "demo", "--mode", "later"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).1.contains("--mode: \"later\""),
+        "{:?}",
+        text(&out)
+    );
+}
