@@ -71,7 +71,7 @@ pub struct Invoice {
     pub currency: Currency,
     pub segments: Vec<SegmentSummary>,
     pub lines: Vec<Line>,
-    /// Sum of every line but the invoice-minimum top-up.
+    /// Sum of this period's lines but the invoice-minimum top-up (adjustments excluded).
     pub subtotal: Decimal,
     /// Sum of every line.
     pub total: Decimal,
@@ -100,6 +100,8 @@ pub enum LineKind {
     Usage,
     ChargeMinimum,
     InvoiceMinimum,
+    /// A correction of an earlier final invoice whose usage grew after it was issued.
+    Adjustment,
 }
 
 impl LineKind {
@@ -109,6 +111,7 @@ impl LineKind {
             LineKind::Usage => "usage",
             LineKind::ChargeMinimum => "charge_minimum",
             LineKind::InvoiceMinimum => "invoice_minimum",
+            LineKind::Adjustment => "adjustment",
         }
     }
 }
@@ -147,6 +150,9 @@ pub struct Line {
     pub tiers: Vec<TierAmount>,
     /// Rounded to the currency's minor unit.
     pub amount: Decimal,
+    /// Adjustment lines: the invoice they correct (its id in storage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adjusts: Option<String>,
 }
 
 impl Line {
@@ -164,6 +170,7 @@ impl Line {
             minimum: None,
             tiers: Vec::new(),
             amount,
+            adjusts: None,
         }
     }
 }
@@ -274,6 +281,67 @@ impl Invoice {
             subtotal,
             total,
         })
+    }
+
+    /// What changed between an issued invoice (`issued`) and the same period priced again
+    /// (`now`): one adjustment line per charge (all segments together) whose quantity or
+    /// amount moved, and one for
+    /// the invoice-minimum top-up, each the difference `now − issued`. A charge's minimum
+    /// top-up counts with its charge, so a top-up that shrinks as usage grows nets out.
+    pub fn adjustments(issued: &Invoice, now: &Invoice, adjusts: &str) -> Result<Vec<Line>> {
+        // By charge across the issued invoice's segments: `segment` on a line indexes its
+        // own invoice's segments, which an adjustment does not share.
+        type Key = Option<String>;
+        /// Quantity, amount and meter of one charge's lines.
+        type Sums = BTreeMap<Key, (Decimal, Decimal, Option<String>)>;
+        let totals = |inv: &Invoice| -> Result<Sums> {
+            let mut out = Sums::new();
+            for l in &inv.lines {
+                if matches!(l.kind, LineKind::Flat | LineKind::Adjustment) {
+                    continue;
+                }
+                let e = out.entry(l.charge.clone()).or_insert((
+                    Decimal::ZERO,
+                    Decimal::ZERO,
+                    l.meter.clone(),
+                ));
+                if l.kind == LineKind::Usage {
+                    e.0 = exact::add(e.0, l.quantity.unwrap_or_default(), "adjustment quantity")?;
+                }
+                e.1 = exact::add(e.1, l.amount, "adjustment amount")?;
+            }
+            Ok(out)
+        };
+        let (before, after) = (totals(issued)?, totals(now)?);
+        let keys: std::collections::BTreeSet<&Key> = before.keys().chain(after.keys()).collect();
+        let mut lines = Vec::new();
+        for key in keys {
+            let zero = (Decimal::ZERO, Decimal::ZERO, None);
+            let (q0, a0, m0) = before.get(key).unwrap_or(&zero);
+            let (q1, a1, m1) = after.get(key).unwrap_or(&zero);
+            let quantity = exact::sub(*q1, *q0, "adjustment quantity")?;
+            let amount = exact::sub(*a1, *a0, "adjustment amount")?;
+            if quantity.is_zero() && amount.is_zero() {
+                continue;
+            }
+            let mut line = Line::new(None, LineKind::Adjustment, amount);
+            line.charge = key.clone();
+            line.meter = m1.clone().or_else(|| m0.clone());
+            line.quantity = (!quantity.is_zero()).then_some(quantity.normalize());
+            line.adjusts = Some(adjusts.to_owned());
+            lines.push(line);
+        }
+        Ok(lines)
+    }
+
+    /// Appends adjustment lines; they count in the total, not in the subtotal (which is
+    /// this period's charges, the base of its invoice minimum).
+    pub fn add_adjustments(&mut self, lines: Vec<Line>) -> Result<()> {
+        for l in lines {
+            self.total = exact::add(self.total, l.amount, "invoice total")?;
+            self.lines.push(l);
+        }
+        Ok(())
     }
 
     /// The lines as CSV (RFC 4180: CRLF line ends, fields quoted when they hold a comma,
@@ -697,6 +765,35 @@ tiers = [{ up_to = "1000", unit_price = "0.002" }, { unit_price = "0.001" }]
         assert_eq!(inv.total.to_string(), "17.50");
         // Invoice minimum: 20 × ½ = 10 ≤ 17.50.
         assert!(inv.lines.iter().all(|l| l.kind != LineKind::InvoiceMinimum));
+    }
+
+    #[test]
+    fn adjustments_are_the_difference_per_charge_with_its_minimum() {
+        let p = basic();
+        let issued = Invoice::compute("c", &january(), &[whole(&p, &[("requests", "1200")])])
+            .expect("issued");
+        // 200 billable requests: $2.00 of usage, topped up to the $5 minimum.
+        let amounts: Vec<String> = issued.lines.iter().map(|l| l.amount.to_string()).collect();
+        assert_eq!(amounts, ["30.00", "2.00", "3.00"]);
+        // Late usage: 600 billable, $6.00; the top-up goes away. Net +1.00 on `req`.
+        let now = Invoice::compute("c", &january(), &[whole(&p, &[("requests", "1600")])])
+            .expect("again");
+        let lines = Invoice::adjustments(&issued, &now, "t/c/jan").expect("adjustments");
+        assert_eq!(lines.len(), 1);
+        let l = &lines[0];
+        assert_eq!(
+            (l.kind, l.charge.as_deref(), l.quantity, l.amount),
+            (LineKind::Adjustment, Some("req"), Some(d("400")), d("1.00"))
+        );
+        assert_eq!(l.adjusts.as_deref(), Some("t/c/jan"));
+        assert!(Invoice::adjustments(&issued, &issued, "x")
+            .expect("none")
+            .is_empty());
+        let mut next = now.clone();
+        let total = next.total;
+        next.add_adjustments(lines).expect("add");
+        assert_eq!(next.total, total + d("1.00"));
+        assert_eq!(next.subtotal, now.subtotal);
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! customer and period start, so running a final run again finds every invoice stored and
 //! writes nothing; what it returns for them is what is stored, byte for byte. Two final runs
 //! of the same tenant at once are not coordinated: run one per tenant.
+//!
+//! Usage that reaches a period after its invoice is final is billed on the next final
+//! invoice: the issued one is priced again with today's usage and the difference per charge
+//! becomes adjustment lines. Only the period just before is looked at, so usage that
+//! arrives after the next invoice is final too is not billed.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -14,9 +19,8 @@ use serde::{Deserialize, Serialize};
 use tally_core::config::ClickHouseConfig;
 use time::OffsetDateTime;
 
-use crate::invoice::{Invoice, Segment};
-use crate::period::period_containing;
-use crate::period::Period;
+use crate::invoice::{Invoice, Line, Segment};
+use crate::period::{period_containing, Period};
 use crate::plan::{Catalog, ChargeKind};
 use crate::store::SubscriptionStore;
 use crate::subscription::{SegmentRef, State};
@@ -33,7 +37,7 @@ pub enum RunError {
     #[error("stored invoice {invoice_id}: {reason}")]
     Stored { invoice_id: String, reason: String },
     #[error(transparent)]
-    Subscriptions(#[from] crate::Error),
+    Rater(#[from] crate::Error),
 }
 
 impl RunError {
@@ -45,7 +49,7 @@ impl RunError {
                 clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut
             ),
             RunError::Stored { .. } => false,
-            RunError::Subscriptions(e) => e.is_retryable(),
+            RunError::Rater(e) => e.is_retryable(),
         }
     }
 }
@@ -310,7 +314,13 @@ impl InvoiceRun {
             .filter(|(_, id)| !stored.contains_key(*id))
             .map(|(b, _)| b.clone())
             .collect();
-        let priced = self.preview(catalog, tenant, &pending).await?;
+        let mut adjustments = self.adjustments(catalog, tenant, &pending).await?;
+        let mut priced = self.preview(catalog, tenant, &pending).await?;
+        for inv in &mut priced.invoices {
+            if let Some(lines) = adjustments.remove(&inv.customer) {
+                inv.add_adjustments(lines)?;
+            }
+        }
         let now = OffsetDateTime::now_utc().unix_timestamp() as u32;
         let mut headers = Vec::with_capacity(priced.invoices.len());
         let mut lines = Vec::new();
@@ -381,6 +391,67 @@ impl InvoiceRun {
         for id in &ids {
             if let Some(json) = stored.get(id).or_else(|| fresh.get(id)) {
                 out.invoices.push(json.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Usage that reached the previous period after its invoice was final: each customer's
+    /// issued invoice for the period just before this one, priced again with the usage
+    /// stored now (the same plan versions and segments), and the difference as adjustment
+    /// lines. Two queries for the batch, plus the usage read.
+    async fn adjustments(
+        &self,
+        catalog: &Catalog,
+        tenant: &str,
+        batch: &[Billable],
+    ) -> Result<HashMap<String, Vec<Line>>, RunError> {
+        let mut previous = Vec::new();
+        for b in batch {
+            let index = b.period.index() - 1;
+            if let Ok(p) = Period::nth(b.period.anchor(), b.period.interval(), index) {
+                let id = format!("{tenant}/{}/{}", b.customer, p.start().unix_timestamp());
+                previous.push((b.customer.clone(), p, id));
+            }
+        }
+        let ids: Vec<String> = previous.iter().map(|(_, _, id)| id.clone()).collect();
+        let stored = self.stored(tenant, &ids).await?;
+        let mut issued = HashMap::new();
+        let mut again = Vec::new();
+        for (customer, period, id) in previous {
+            let Some(json) = stored.get(&id) else {
+                continue;
+            };
+            let inv: Invoice = serde_json::from_str(json).map_err(|e| RunError::Stored {
+                invoice_id: id.clone(),
+                reason: e.to_string(),
+            })?;
+            again.push(Billable {
+                customer: customer.clone(),
+                period,
+                segments: inv
+                    .segments
+                    .iter()
+                    .map(|s| SegmentRef {
+                        from: s.from,
+                        to: s.to,
+                        plan: s.plan.clone(),
+                        version: s.version,
+                    })
+                    .collect(),
+            });
+            issued.insert(customer, (id, inv));
+        }
+        let mut out = HashMap::new();
+        if again.is_empty() {
+            return Ok(out);
+        }
+        for now in self.preview(catalog, tenant, &again).await?.invoices {
+            if let Some((id, old)) = issued.get(&now.customer) {
+                let lines = Invoice::adjustments(old, &now, id)?;
+                if !lines.is_empty() {
+                    out.insert(now.customer.clone(), lines);
+                }
             }
         }
         Ok(out)

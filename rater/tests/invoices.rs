@@ -10,7 +10,7 @@ use common::*;
 use tally_rater::run::{Billable, InvoiceRun};
 use tally_rater::subscription::SegmentRef;
 use tally_rater::usage::{UsageReader, UsageRequest};
-use tally_rater::{period_containing, Catalog, Interval, Invoice, Segment};
+use tally_rater::{period_containing, Catalog, Interval, Invoice, LineKind, Segment};
 use time::macros::datetime;
 
 fn plans() -> Catalog {
@@ -150,14 +150,23 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
         assert!(back.to_csv().lines().count() == back.lines.len() + 1);
     }
 
-    // Late usage after the period closed does not change a final invoice.
-    let late = vec![Ev {
-        id: "late-1".into(),
-        customer: "alpha",
-        ty: "request",
-        time: datetime!(2026-10-20 8:00 UTC),
-        value: "/v1/late",
-    }];
+    // Late usage after the period closed does not change a final invoice...
+    let late = vec![
+        Ev {
+            id: "late-1".into(),
+            customer: "alpha",
+            ty: "request",
+            time: datetime!(2026-10-20 8:00 UTC),
+            value: "/v1/late",
+        },
+        Ev {
+            id: "late-2".into(),
+            customer: "alpha",
+            ty: "completion",
+            time: datetime!(2026-10-20 8:00:01 UTC),
+            value: "1000",
+        },
+    ];
     write(&db, &late).await;
     let again = run
         .finalize(&plans, "demo", &batch)
@@ -170,6 +179,77 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
         count(&db, "SELECT count() FROM invoice_lines").await,
         lines as u64
     );
+
+    // ...it becomes adjustment lines on the next one: the request costs nothing (inside
+    // starter's allowance), the 1,000 tokens one more package of 0.02.
+    let november: Vec<Billable> = batch
+        .iter()
+        .map(|b| {
+            let next = b.period.next().expect("next period");
+            let last = b.segments.last().expect("segments");
+            Billable {
+                customer: b.customer.clone(),
+                period: next,
+                segments: vec![segment(next.start(), next.end(), &last.plan, last.version)],
+            }
+        })
+        .collect();
+    let nov = run
+        .finalize(&plans, "demo", &november)
+        .await
+        .expect("november");
+    assert_eq!(nov.written, 3);
+    let invoices: BTreeMap<String, Invoice> = nov
+        .invoices
+        .iter()
+        .map(|j| serde_json::from_str::<Invoice>(j).expect("invoice"))
+        .map(|i| (i.customer.clone(), i))
+        .collect();
+    let adjust = |c: &str| -> Vec<(String, Option<String>, String)> {
+        invoices[c]
+            .lines
+            .iter()
+            .filter(|l| l.kind == LineKind::Adjustment)
+            .map(|l| {
+                (
+                    l.charge.clone().unwrap_or_default(),
+                    l.quantity.map(|q| q.to_string()),
+                    l.amount.to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        adjust("alpha"),
+        [
+            (
+                "requests".to_owned(),
+                Some("1".to_owned()),
+                "0.00".to_owned()
+            ),
+            (
+                "tokens".to_owned(),
+                Some("1000".to_owned()),
+                "0.02".to_owned()
+            ),
+        ]
+    );
+    let alpha = &invoices["alpha"];
+    assert!(alpha
+        .lines
+        .iter()
+        .filter(|l| l.kind == LineKind::Adjustment)
+        .all(|l| l.adjusts.as_deref() == Some("demo/alpha/1790812800")));
+    assert_eq!(
+        alpha.total - alpha.subtotal,
+        "0.02".parse().expect("decimal")
+    );
+    assert!(adjust("beta").is_empty() && adjust("it's").is_empty());
+    let nov_again = run
+        .finalize(&plans, "demo", &november)
+        .await
+        .expect("november again");
+    assert_eq!(nov_again.invoices, nov.invoices);
 
     drop_database(&db).await;
 }
