@@ -10,7 +10,6 @@
 //! customers pay it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt::Write as _;
 
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -137,7 +136,9 @@ impl UsageReader {
             .with_database(&config.database)
             .with_validation(false)
             // A batch's customers and bounds travel in the statement.
-            .with_setting("max_query_size", "268435456");
+            .with_setting("max_query_size", "268435456")
+            .with_setting("max_ast_elements", "50000000")
+            .with_setting("max_expanded_ast_elements", "50000000");
         UsageReader {
             client,
             meters,
@@ -253,10 +254,8 @@ pub(crate) fn string_list(items: impl IntoIterator<Item = impl AsRef<str>>) -> S
     out
 }
 
-/// The rollups query for whole-hour segments: per customer, segment and meter, every
-/// merged value (the caller keeps the one of the meter's aggregation). The segment comes
-/// from the customer's own bounds, passed as constants: `seg` is 1-based, 0 or past the
-/// last segment for hours outside them.
+/// The rollups query for whole-hour segments: per customer, segment (1-based) and meter,
+/// every merged value (the caller keeps the one of the meter's aggregation).
 fn rollup_sql(
     tenant: &str,
     meters: &[&Meter],
@@ -265,31 +264,34 @@ fn rollup_sql(
     if requests.is_empty() || meters.is_empty() {
         return Ok(None);
     }
-    let mut bounds = String::from("[");
+    // Each customer's bounds as one string ("b0,b1,…"), looked up per row by `transform`
+    // (a hash map built once per block). Two flat string arrays parse as two literals;
+    // arrays of arrays or tuples of this size make ClickHouse 18.16 copy them into every
+    // block or build an AST too big to analyse in reasonable time.
+    let mut bounds = Vec::with_capacity(requests.len());
     let (mut lo, mut hi) = (u32::MAX, 0);
-    for (i, r) in requests.iter().enumerate() {
+    for r in requests {
         let secs = r.seconds()?;
         lo = lo.min(secs[0]);
         hi = hi.max(secs[secs.len() - 1]);
-        if i > 0 {
-            bounds.push(',');
-        }
         let list: Vec<String> = secs.iter().map(u32::to_string).collect();
-        let _ = write!(bounds, "[{}]", list.join(","));
+        bounds.push(list.join(","));
     }
-    bounds.push(']');
     let customers = string_list(requests.iter().map(|r| &r.customer));
-    let indexes: Vec<String> = (1..=requests.len()).map(|i| i.to_string()).collect();
+    let bounds = string_list(&bounds);
     let mut t = String::new();
     quote(&mut t, tenant);
     let meter_keys = string_list(meters.iter().map(|m| m.storage_key()));
-    // Past the last bound, arrayCount gives the bound count: no segment, like 0.
+    // `seg` counts the bounds at or before the hour: 0 before the first, the bound count
+    // past the last; both are outside every segment.
     Ok(Some(format!(
         "SELECT customer, seg, meter, \
            sumMerge(events) AS v_events, sumMerge(value_sum) AS v_sum, \
            minMerge(value_min) AS v_min, maxMerge(value_max) AS v_max, \
            argMaxMerge(value_latest) AS v_latest, uniqExactMerge(value_unique) AS v_unique \
-         FROM (SELECT *, arrayElement({bounds}, transform(customer, [{customers}], CAST([{idx}] AS Array(UInt32)), toUInt32(0))) AS b, \
+         FROM (SELECT customer, meter, events, value_sum, value_min, value_max, value_latest, \
+                 value_unique, \
+                 arrayMap(x -> toUInt32(x), splitByChar(',', transform(customer, [{customers}], [{bounds}], ''))) AS b, \
                  toUInt32(arrayCount(x -> x <= toUInt32(hour), b)) AS raw_seg, \
                  if(raw_seg < length(b), raw_seg, toUInt32(0)) AS seg \
                FROM rollups_hourly \
@@ -297,7 +299,6 @@ fn rollup_sql(
                  AND hour >= toDateTime({lo}, 'UTC') AND hour < toDateTime({hi}, 'UTC')) \
          WHERE seg > 0 \
          GROUP BY customer, seg, meter",
-        idx = indexes.join(","),
     )))
 }
 

@@ -1,0 +1,293 @@
+//! `tally-ratebench`: the rater's bench (issue 11).
+//!
+//! Fills a private database on the stack's ClickHouse with N subscriptions to `pro` v2 (a
+//! flat fee and four usage charges, two with graduated tiers) and one hour of rollups per
+//! customer and meter, then invoices every customer's October twice, in one run:
+//! - baseline: the pure pricing loop (`tally_rater::run::price`) over usage already in
+//!   memory, the same figures the database holds;
+//! - the whole run: subscriptions and their segments read per batch from
+//!   `subscription_changes`, usage per batch from `rollups_hourly`, then the same pricing
+//!   (`billables` + `InvoiceRun::preview`).
+//!
+//! Both must produce the same invoices (checked: count and the sum of totals). Target:
+//! 1,000,000 customer-month invoices in under 10 s.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tally_core::config::ClickHouseConfig;
+use tally_core::Config;
+use tally_rater::run::{billables, price, Billable, InvoiceRun};
+use tally_rater::store::SubscriptionStore;
+use tally_rater::subscription::SegmentRef;
+use tally_rater::usage::{UsageReader, UsageTable};
+use tally_rater::{period_containing, Catalog, Decimal, Interval};
+use time::macros::datetime;
+
+const USAGE: &str = "\
+usage: tally-ratebench [OPTIONS]
+
+Invoices N customers' month: the pure pricing loop over usage in memory (baseline) against
+the whole run reading subscriptions and usage from ClickHouse, in one run.
+  --customers N    customers (subscriptions)              [default 1000000]
+  --batch B        customers per batch                    [default 10000]
+  --rounds K       timed rounds of each (median shown)    [default 3]
+  --quick          20,000 customers, 1 round (tests)
+  --keep           keep the database afterwards
+  -h, --help       this text
+
+Environment: TALLY_CLICKHOUSE_URL (default http://127.0.0.1:18123, the stack's server).";
+
+const TENANT: &str = "bench";
+
+struct Options {
+    customers: u64,
+    batch: usize,
+    rounds: usize,
+    keep: bool,
+}
+
+fn options() -> anyhow::Result<Option<Options>> {
+    let mut o = Options {
+        customers: 1_000_000,
+        batch: 10_000,
+        rounds: 3,
+        keep: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| -> anyhow::Result<u64> {
+            let v = args
+                .next()
+                .with_context(|| format!("{name} needs a value"))?;
+            v.parse()
+                .with_context(|| format!("{name}: {v:?} is not a number"))
+        };
+        match a.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--customers" => o.customers = value("--customers")?.max(1),
+            "--batch" => o.batch = value("--batch")?.max(1) as usize,
+            "--rounds" => o.rounds = value("--rounds")?.max(1) as usize,
+            "--quick" => {
+                o.customers = 20_000;
+                o.rounds = 1;
+            }
+            "--keep" => o.keep = true,
+            other => bail!("unknown option {other:?}\n{USAGE}"),
+        }
+    }
+    Ok(Some(o))
+}
+
+/// What the database holds for customer `n`, by meter: the same expressions as the fill.
+fn usage_of(n: u64) -> BTreeMap<String, Decimal> {
+    BTreeMap::from([
+        (
+            "requests".to_owned(),
+            Decimal::from(100_000 + n * 37 % 2_000_000),
+        ),
+        (
+            "tokens".to_owned(),
+            Decimal::from(1_000_000 + n % 50_000_000),
+        ),
+        (
+            "storage_gb".to_owned(),
+            Decimal::new((n % 10_000) as i64, 2),
+        ),
+        ("active_users".to_owned(), Decimal::ONE),
+    ])
+}
+
+async fn fill(db: &ClickHouseConfig, config: &Config, n: u64) -> anyhow::Result<()> {
+    let client = tally_aggregator::migrate::client(db);
+    client
+        .query(&format!(
+            "INSERT INTO subscription_changes SELECT '{TENANT}', concat('c', toString(number)), \
+             concat('bench-', toString(number)), 'create', toDateTime('2026-10-01 00:00:00', 'UTC'), \
+             toDateTime('2026-10-01 00:00:00', 'UTC'), 'pro', 2, \
+             toDateTime('2026-10-01 00:00:00', 'UTC'), 'bench', '', '' FROM numbers({n})"
+        ))
+        .execute()
+        .await?;
+    let catalog = config.catalog();
+    let key = |m: &str| -> anyhow::Result<String> {
+        Ok(catalog.meter(m).context("dev meter")?.storage_key())
+    };
+    // One hourly row per customer and meter; every state column filled, each meter reads its own.
+    for (meter, events, sum, latest) in [
+        ("requests", "100000 + number * 37 % 2000000", "0", "0"),
+        ("tokens", "1", "1000000 + number % 50000000", "0"),
+        (
+            "storage_gb",
+            "1",
+            "0",
+            "toDecimal128(number % 10000, 9) / 100",
+        ),
+        ("active_users", "1", "0", "0"),
+    ] {
+        client
+            .query(&format!(
+                "INSERT INTO rollups_hourly SELECT '{TENANT}', concat('c', toString(number)), '{k}', \
+                 toDateTime('2026-10-10 10:00:00', 'UTC'), emptyArrayString(), \
+                 sumState(toUInt64({events})), sumState(toDecimal128({sum}, 9)), \
+                 minState(toDecimal128(0, 9)), maxState(toDecimal128(0, 9)), \
+                 argMaxState(toDecimal128({latest}, 9), toUInt64(1)), \
+                 uniqExactState(toString(number)) FROM numbers({n}) GROUP BY number",
+                k = key(meter)?
+            ))
+            .execute()
+            .await?;
+    }
+    Ok(())
+}
+
+/// Running sums of subtotals and totals.
+fn totals(acc: (Decimal, Decimal), invoices: &[tally_rater::Invoice]) -> (Decimal, Decimal) {
+    invoices
+        .iter()
+        .fold(acc, |(s, t), i| (s + i.subtotal, t + i.total))
+}
+
+fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs[xs.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Some(o) = options()? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let config_path = root.join("config/tally.dev.toml");
+    let config = Config::parse(&std::fs::read_to_string(&config_path)?, &config_path)?;
+    let plans = Catalog::load_dir(root.join("config/plans"))?;
+    let db = ClickHouseConfig {
+        url: std::env::var("TALLY_CLICKHOUSE_URL")
+            .unwrap_or_else(|_| "http://127.0.0.1:18123".into()),
+        database: format!("ratebench_{}", std::process::id()),
+        user: "default".into(),
+        password: String::new(),
+    };
+    tally_aggregator::migrate::apply(
+        &db,
+        &tally_aggregator::migrate::load(&root.join("schemas/clickhouse"))?,
+    )
+    .await?;
+    let started = Instant::now();
+    fill(&db, &config, o.customers).await?;
+    println!(
+        "filled {} subscriptions and {} rollup rows in {:.1} s",
+        o.customers,
+        o.customers * 4,
+        started.elapsed().as_secs_f64()
+    );
+
+    let at = datetime!(2026-10-15 0:00 UTC);
+    let period = period_containing(datetime!(2026-10-01 0:00 UTC), Interval::Monthly, at)?;
+    let batches: Vec<(Vec<Billable>, UsageTable)> = (0..o.customers)
+        .collect::<Vec<_>>()
+        .chunks(o.batch)
+        .map(|chunk| {
+            let mut usage = HashMap::new();
+            let batch = chunk
+                .iter()
+                .map(|&n| {
+                    let customer = format!("c{n}");
+                    usage.insert((customer.clone(), 0), usage_of(n));
+                    Billable {
+                        customer,
+                        period,
+                        segments: vec![SegmentRef {
+                            from: period.start(),
+                            to: period.end(),
+                            plan: "pro".into(),
+                            version: 2,
+                        }],
+                    }
+                })
+                .collect();
+            (batch, usage)
+        })
+        .collect();
+
+    let store = SubscriptionStore::new(&db);
+    let run = InvoiceRun::new(
+        &db,
+        UsageReader::new(&db, config.catalog(), config.validation.max_dimension_chars),
+    );
+    let (mut pure, mut whole) = (Vec::new(), Vec::new());
+    let (mut pure_sum, mut whole_sum) = (
+        (Decimal::ZERO, Decimal::ZERO),
+        (Decimal::ZERO, Decimal::ZERO),
+    );
+    let (mut pure_n, mut whole_n) = (0, 0);
+    for round in 1..=o.rounds {
+        let t = Instant::now();
+        let (mut n, mut sum) = (0usize, (Decimal::ZERO, Decimal::ZERO));
+        for (batch, usage) in &batches {
+            let priced = price(&plans, batch, usage);
+            n += priced.invoices.len();
+            sum = totals(sum, &priced.invoices);
+        }
+        pure.push(t.elapsed());
+        (pure_n, pure_sum) = (n, sum);
+
+        let t = Instant::now();
+        let (read, refused) = billables(&store, &plans, TENANT, at, o.batch).await?;
+        let placed = t.elapsed();
+        let (mut n, mut sum) = (0usize, (Decimal::ZERO, Decimal::ZERO));
+        for batch in &read {
+            let priced = run.preview(&plans, TENANT, batch).await?;
+            n += priced.invoices.len();
+            sum = totals(sum, &priced.invoices);
+        }
+        whole.push(t.elapsed());
+        (whole_n, whole_sum) = (n, sum);
+        println!(
+            "round {round}: pure pricing {:.2} s, whole run {:.2} s (subscriptions and segments \
+             {:.2} s, usage and pricing {:.2} s; {} refused)",
+            pure[round - 1].as_secs_f64(),
+            whole[round - 1].as_secs_f64(),
+            placed.as_secs_f64(),
+            (whole[round - 1] - placed).as_secs_f64(),
+            refused.len()
+        );
+    }
+    if (pure_n, pure_sum) != (whole_n, whole_sum) {
+        bail!(
+            "the runs disagree: pure {pure_n} invoices {pure_sum:?}, whole {whole_n} {whole_sum:?}"
+        );
+    }
+    let (p, w) = (median(pure), median(whole));
+    let per_million = |d: Duration| d.as_secs_f64() * 1_000_000.0 / o.customers as f64;
+    println!(
+        "\n{} customer-month invoices (pro v2: a flat fee, 4 usage charges, 2 graduated), \
+         batches of {}, {} round(s), median:\n  \
+         pure pricing loop  {:.2} s ({:.2} s per million)\n  \
+         whole run          {:.2} s ({:.2} s per million): {:.1}x the pure loop; target < 10 s per million: {}\n  \
+         invoices agree: {} with subtotals {} and totals {}",
+        o.customers,
+        o.batch,
+        o.rounds,
+        p.as_secs_f64(),
+        per_million(p),
+        w.as_secs_f64(),
+        per_million(w),
+        w.as_secs_f64() / p.as_secs_f64(),
+        if per_million(w) < 10.0 { "pass" } else { "FAIL" },
+        whole_n,
+        whole_sum.0,
+        whole_sum.1
+    );
+    if !o.keep {
+        tally_aggregator::migrate::client(&db)
+            .with_database("default")
+            .query(&format!("DROP DATABASE IF EXISTS {}", db.database))
+            .execute()
+            .await?;
+    }
+    Ok(())
+}
