@@ -185,6 +185,25 @@ pub enum Error {
         effective_at: OffsetDateTime,
         conflict: Box<Error>,
     },
+    /// A plan migration's spec is invalid; `field` names the part to fix.
+    #[error("migration {id:?}: {field}: {reason}")]
+    InvalidMigration {
+        id: String,
+        field: &'static str,
+        reason: String,
+    },
+    /// A migration id already recorded with another spec: ids are idempotency keys, so a
+    /// different migration needs a different id.
+    #[error("migration {id:?} is already recorded with another {field} ({recorded})")]
+    MigrationIdReused {
+        id: String,
+        field: &'static str,
+        recorded: String,
+    },
+    /// Publishing a migration's entitlement changes failed; the changes are written and a
+    /// rerun of the migration publishes them again.
+    #[error("kafka: {0}")]
+    Kafka(String),
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] clickhouse::error::Error),
     #[error("clickhouse did not answer within {0:?}")]
@@ -192,11 +211,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// ClickHouse being unreachable or slow clears up by itself; nothing else does.
+    /// ClickHouse or Kafka being unreachable or slow clears up by itself; nothing else does.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
             Error::Timeout(_)
+                | Error::Kafka(_)
                 | Error::ClickHouse(
                     clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut
                 )

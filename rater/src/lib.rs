@@ -13,7 +13,10 @@
 //! - [`entitlements`]: features and limits of a plan version, and what a migration changes.
 //! - [`subscription`]: a customer's subscription as a fold over its change log, and the
 //!   rules a new change must pass.
-//! - [`store`]: the subscription change log in ClickHouse, read in one query per batch.
+//! - [`store`]: the subscription change log in ClickHouse, read in one query per batch;
+//!   plan-version migrations written in bulk, resumable, with an audit record.
+//! - [`migration`]: plan-version migrations planned (who moves, when, what changes).
+//! - [`kafka`]: a migration's entitlement changes published to `entitlement-changes`.
 //!
 //! Money is `rust_decimal::Decimal`, never a float, and is computed exactly: a result that
 //! cannot be held exactly is an error, not a rounded figure.
@@ -23,6 +26,8 @@ pub mod entitlements;
 mod error;
 mod exact;
 pub mod invoice;
+pub mod kafka;
+pub mod migration;
 pub mod period;
 pub mod plan;
 pub mod pricing;
@@ -37,9 +42,14 @@ pub use entitlements::{
 };
 pub use error::{Error, Result};
 pub use invoice::{Invoice, Line, LineKind, Segment, SegmentSummary};
+pub use kafka::{Notifier, ENTITLEMENT_TOPIC};
+pub use migration::{Effective, MigrationPlan, MigrationPreview, MigrationSpec};
 pub use period::{period_containing, Fraction, Interval, Period};
 pub use plan::{Catalog, Charge, ChargeKind, PlanVersion, UsageCharge};
 pub use pricing::{price, Model, Priced, Tier, TierAmount};
 pub use rust_decimal::Decimal;
-pub use store::{Recorded, SubscriptionStore};
+pub use store::{
+    MigrationRecord, MigrationReport, MigrationState, Recorded, RunOptions, RunResult,
+    SubscriptionStore,
+};
 pub use subscription::{Change, ChangeKind, NewChange, SegmentRef, Timeline};

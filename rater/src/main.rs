@@ -8,6 +8,8 @@
 //!   cancel    --tenant T --customer C --at TIME
 //!   list      --tenant T [--at TIME]
 //!   history   --tenant T --customer C
+//!   migrate-plan --tenant T --plan P --to-version N --id ID [--from-versions 1,2]
+//!             [--customers a,b] [--effective next-period|TIME] [--preview]
 //! ```
 //!
 //! subscribe, change and cancel also take `--actor A` (default `$USER`), `--reason R` and
@@ -31,7 +33,10 @@ use tally_rater::run::{billables, Billable, InvoiceRun};
 use tally_rater::store::{Recorded, SubscriptionStore};
 use tally_rater::subscription::{Change, ChangeKind, NewChange, Status};
 use tally_rater::usage::UsageReader;
-use tally_rater::{Catalog, Invoice};
+use tally_rater::{
+    Catalog, Effective, Invoice, MigrationPreview, MigrationSpec, Notifier, RunOptions, RunResult,
+    ENTITLEMENT_TOPIC,
+};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -43,12 +48,17 @@ usage: tally-rater [--config FILE] [--plans DIR] [--json] COMMAND [FLAGS]
   cancel    --tenant T --customer C --at TIME
   list      --tenant T [--at TIME]
   history   --tenant T --customer C
+  migrate-plan --tenant T --plan P --to-version N --id ID [--from-versions 1,2]
+            [--customers a,b] [--effective next-period|TIME] [--preview] [--actor A] [--reason R]
   invoice   --tenant T [--at TIME] [--mode preview|final] [--grace-hours H] [--format json|csv]
             [--batch N]
 subscribe, change and cancel also take [--actor A] [--reason R] [--change-id ID].
 invoice prices each subscribed customer's period that contains --at (default now):
 preview stores nothing; final needs the period closed --grace-hours ago (default 24),
 stores each invoice once, and prints what is stored.
+migrate-plan moves a plan's subscribers to version N (default: from every older version),
+each at its next billing period (default) or all at TIME; --preview writes nothing. Running
+it again with the same --id resumes it, or says it is done.
 TIME is RFC 3339 in whole seconds, like 2025-01-01T00:00:00Z.";
 
 /// Flags each command takes; `*` marks the required ones.
@@ -96,6 +106,21 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("list", &["tenant*", "at"]),
     ("history", &["tenant*", "customer*"]),
     (
+        "migrate-plan",
+        &[
+            "tenant*",
+            "plan*",
+            "to-version*",
+            "id*",
+            "from-versions",
+            "customers",
+            "effective",
+            "preview",
+            "actor",
+            "reason",
+        ],
+    ),
+    (
         "invoice",
         &["tenant*", "at", "mode", "grace-hours", "format", "batch"],
     ),
@@ -142,6 +167,9 @@ impl Args {
                 });
             } else if arg == "--json" {
                 json = true;
+            } else if arg == "--preview" {
+                // A switch, like --json; only migrate-plan takes it.
+                given.push(("preview".to_owned(), "true".to_owned()));
             } else if let Some(flag) = arg.strip_prefix("--") {
                 let (name, value) = match flag.split_once('=') {
                     Some((name, value)) => (name.to_owned(), value.to_owned()),
@@ -355,6 +383,7 @@ async fn run(args: anyhow::Result<Args>) -> anyhow::Result<()> {
             out.history(customer, &changes)?;
         }
         "invoice" => invoice(&args, &config, &plans()?).await?,
+        "migrate-plan" => migrate_plan(&args, &config, &store, &plans()?, &out).await?,
         other => unreachable!("command {other} is in COMMANDS"),
     }
     Ok(())
@@ -451,6 +480,102 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
     Ok(())
 }
 
+/// `migrate-plan`: the spec from the flags.
+fn migration_spec(args: &Args) -> anyhow::Result<MigrationSpec> {
+    let number = |flag: &str, v: &str| -> anyhow::Result<u32> {
+        v.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| arg_error(format!("--{flag}: {v:?} is not a version number (1, 2, …)")))
+    };
+    let mut spec = MigrationSpec::new(
+        args.required("id")?,
+        args.required("tenant")?,
+        args.required("plan")?,
+        number("to-version", args.required("to-version")?)?,
+    );
+    spec.from_versions = args
+        .get("from-versions")
+        .map(|list| {
+            list.split(',')
+                .map(|v| number("from-versions", v))
+                .collect()
+        })
+        .transpose()?;
+    spec.customers = args
+        .get("customers")
+        .map(|list| list.split(',').map(|c| c.trim().to_owned()).collect());
+    if let Some(text) = args.get("effective") {
+        spec.effective = Effective::parse(text).ok_or_else(|| {
+            arg_error(format!(
+                "--effective: {text:?} is not next-period or an RFC 3339 time"
+            ))
+        })?;
+    }
+    spec.actor = args
+        .get("actor")
+        .map(str::to_owned)
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".to_owned());
+    spec.reason = args.get("reason").unwrap_or_default().to_owned();
+    Ok(spec)
+}
+
+async fn migrate_plan(
+    args: &Args,
+    config: &Config,
+    store: &SubscriptionStore,
+    plans: &Catalog,
+    out: &Output,
+) -> anyhow::Result<()> {
+    let spec = migration_spec(args)?;
+    let started = std::time::Instant::now();
+    let now = OffsetDateTime::now_utc();
+    if args.get("preview").is_some() {
+        let preview = store.preview_migration(plans, &spec, now).await?;
+        if out.json {
+            return out.line(&preview);
+        }
+        println!(
+            "preview of migration {:?}: {} subscriptions of {} would move to v{} (judged at {})",
+            spec.id,
+            preview.total,
+            spec.plan,
+            spec.to_version,
+            time(preview.as_of)
+        );
+        out.groups(&preview);
+        return Ok(());
+    }
+    let notifier = Notifier::new(&config.kafka, ENTITLEMENT_TOPIC)?;
+    let report = store
+        .run_migration(plans, &spec, &notifier, RunOptions::default(), now)
+        .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    if out.json {
+        return out.line(&serde_json::json!({ "report": report, "seconds": seconds }));
+    }
+    let head = match report.result {
+        RunResult::Done => "done",
+        RunResult::AlreadyDone => "already done, nothing written or sent",
+        RunResult::Interrupted => "interrupted; run it again to finish",
+    };
+    println!(
+        "migration {:?}: {head}: {} subscriptions to {} v{}, {} changes written now, {} \
+         earlier, {} notifications to {ENTITLEMENT_TOPIC}, {seconds:.2} s",
+        spec.id,
+        report.preview.total,
+        spec.plan,
+        spec.to_version,
+        report.written,
+        report.already_written,
+        report.published
+    );
+    out.groups(&report.preview);
+    Ok(())
+}
+
 fn time_text(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
 }
@@ -513,6 +638,37 @@ impl Output {
             }),
         );
         Ok(())
+    }
+
+    fn groups(&self, preview: &MigrationPreview) {
+        table(
+            &[
+                "FROM",
+                "TO",
+                "COUNT",
+                "EFFECTIVE FROM",
+                "EFFECTIVE TO",
+                "CHANGES",
+            ],
+            preview.groups.iter().map(|g| {
+                let opt = |t: Option<OffsetDateTime>| t.map_or_else(|| "-".to_owned(), time);
+                vec![
+                    format!("v{}", g.from_version),
+                    format!("v{}", g.to_version),
+                    g.count.to_string(),
+                    opt(g.effective_min),
+                    opt(g.effective_max),
+                    format!(
+                        "{} features, {} limits",
+                        g.changes.features.len(),
+                        g.changes.limits.len()
+                    ),
+                ]
+            }),
+        );
+        for (reason, n) in &preview.skipped {
+            println!("left as they are ({reason}): {n}");
+        }
     }
 
     fn history(&self, customer: &str, changes: &[Change]) -> anyhow::Result<()> {
@@ -621,6 +777,47 @@ mod tests {
             Some(time::macros::datetime!(2025-01-01 0:00 UTC))
         );
         assert_eq!(parse("history --help").expect("help").command, "help");
+    }
+
+    #[test]
+    fn migrate_plan_flags() {
+        let a = parse(
+            "migrate-plan --tenant t --plan pro --to-version 2 --id m1 --from-versions 1,2 \
+             --customers a,b --effective 2026-04-01T00:00:00Z --preview",
+        )
+        .expect("parses");
+        assert_eq!(a.get("preview"), Some("true"));
+        let spec = migration_spec(&a).expect("spec");
+        assert_eq!(spec.from_versions, Some(vec![1, 2]));
+        assert_eq!(spec.customers, Some(vec!["a".to_owned(), "b".to_owned()]));
+        assert_eq!(
+            spec.effective,
+            Effective::At(time::macros::datetime!(2026-04-01 0:00 UTC))
+        );
+        let a = parse("migrate-plan --tenant t --plan pro --to-version 2 --id m1").expect("parses");
+        assert_eq!(
+            migration_spec(&a).expect("spec").effective,
+            Effective::NextPeriodStart
+        );
+        assert_eq!(
+            refusal("migrate-plan --tenant t --plan pro --id m1"),
+            "migrate-plan needs --to-version"
+        );
+        assert_eq!(
+            refusal("list --tenant t --preview"),
+            "list takes no flag --preview"
+        );
+        let a = parse("migrate-plan --tenant t --plan p --to-version x --id m").expect("parses");
+        assert!(migration_spec(&a)
+            .expect_err("bad")
+            .to_string()
+            .starts_with("--to-version: "));
+        let a = parse("migrate-plan --tenant t --plan p --to-version 2 --id m --effective soon")
+            .expect("parses");
+        assert!(migration_spec(&a)
+            .expect_err("bad")
+            .to_string()
+            .starts_with("--effective: "));
     }
 
     #[test]
