@@ -167,22 +167,14 @@ pub fn parse_line(text: &[u8], line: usize) -> Candidate {
 }
 
 fn split_ndjson(body: &[u8], max_events: usize) -> Result<Vec<Candidate>, BodyError> {
-    let mut items = Vec::new();
-    for (n, line) in body.split(|&b| b == b'\n').enumerate() {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        if items.len() == max_events {
-            let count = max_events + 1;
-            return Err(BodyError::TooManyEvents {
-                count,
-                max: max_events,
-            });
-        }
-        items.push(parse_line(line, n + 1));
-    }
-    Ok(items)
+    let raw = split_ndjson_raw(body, max_events)?;
+    Ok(raw
+        .into_iter()
+        .map(|c| match c {
+            RawCandidate::Text { raw, line } => parse_line(raw.as_bytes(), line.unwrap_or(0)),
+            RawCandidate::Parsed(c) => c,
+        })
+        .collect())
 }
 
 fn into_object(v: Value) -> Candidate {

@@ -4,37 +4,22 @@
 //! without writing anything twice, a failed publish repeated by a rerun, a notification
 //! chunk read back from the topic, the CLI, and (ignored by default) a million subscriptions.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::{catalog, repo, unique, Db};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value;
-use tally_aggregator::migrate;
-use tally_core::config::{ClickHouseConfig, KafkaConfig};
+use tally_core::config::KafkaConfig;
 use tally_rater::migration::Effective;
 use tally_rater::store::{MigrationState, RunOptions, RunResult, SubscriptionStore};
 use tally_rater::subscription::{NewChange, Timeline};
-use tally_rater::{Catalog, Error, MigrationSpec, Notifier};
+use tally_rater::{Error, MigrationSpec, Notifier};
 use time::macros::datetime;
 use time::OffsetDateTime;
-
-fn repo(path: &str) -> PathBuf {
-    std::env::current_dir().expect("cwd").join("..").join(path)
-}
-
-fn catalog() -> Catalog {
-    Catalog::load_dir(repo("config/plans")).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
-    format!("test_migr_{name}_{}_{nanos}", std::process::id())
-}
 
 fn kafka() -> KafkaConfig {
     let path = repo("config/tally.dev.toml");
@@ -49,46 +34,7 @@ fn kafka() -> KafkaConfig {
     k
 }
 
-/// A private, migrated database, dropped when this goes out of scope.
-struct Db {
-    config: ClickHouseConfig,
-    client: clickhouse::Client,
-}
-
 impl Db {
-    async fn new(name: &str) -> Db {
-        let config = ClickHouseConfig {
-            url: std::env::var("TALLY_CLICKHOUSE_URL")
-                .unwrap_or_else(|_| "http://127.0.0.1:18123".into()),
-            database: unique(name),
-            user: "default".into(),
-            password: String::new(),
-        };
-        let server = migrate::client(&config).with_database("default");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while let Err(e) = server.query("SELECT 1").execute().await {
-            assert!(
-                Instant::now() < deadline,
-                "clickhouse at {} not answering in 30 s (make stack-up): {e}",
-                config.url
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let migrations = migrate::load(&repo("schemas/clickhouse")).expect("migrations");
-        assert!(migrations.iter().any(|m| m.name == "plan_migrations"));
-        migrate::apply(&config, &migrations)
-            .await
-            .expect("migrations apply");
-        Db {
-            client: migrate::client(&config),
-            config,
-        }
-    }
-
-    fn store(&self) -> SubscriptionStore {
-        SubscriptionStore::new(&self.config).with_timeout(Duration::from_secs(120))
-    }
-
     /// Rows per customer (all kinds), and the migration's rows per customer.
     async fn rows(&self, migration: &str) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
         let all: Vec<(String, u64)> = self
@@ -108,31 +54,6 @@ impl Db {
             .await
             .expect("count");
         (all.into_iter().collect(), mine.into_iter().collect())
-    }
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        if std::env::var_os("TALLY_TEST_KEEP").is_some() {
-            eprintln!("kept database {}", self.config.database);
-            return;
-        }
-        let server = migrate::client(&self.config).with_database("default");
-        let sql = format!("DROP DATABASE IF EXISTS {}", self.config.database);
-        let dropped = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(async {
-                    tokio::time::timeout(Duration::from_secs(30), server.query(&sql).execute())
-                        .await
-                })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(Ok(())))) {
-            eprintln!("could not drop {}", self.config.database);
-        }
     }
 }
 

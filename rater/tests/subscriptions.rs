@@ -3,113 +3,27 @@
 //! round trip and audit trail, refusals that write nothing, idempotent change ids, batch
 //! segments for 1,000 customers compared with the pure fold, and the CLI as a subprocess.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Output;
-use std::time::{Duration, Instant};
+mod common;
 
-use tally_aggregator::migrate;
-use tally_core::config::ClickHouseConfig;
-use tally_rater::store::{Recorded, SubscriptionStore};
+use std::collections::BTreeMap;
+use std::process::Output;
+use std::time::Duration;
+
+use common::{catalog, repo, Db};
+use tally_rater::store::Recorded;
 use tally_rater::subscription::{Admission, Change, ChangeKind, NewChange, State, Timeline};
 use tally_rater::{Catalog, Error};
 use time::format_description::well_known::Rfc3339;
 use time::macros::datetime;
 use time::OffsetDateTime;
 
-/// A repository path. Tests run in the package folder; resolving at run time (not with
-/// `env!`) keeps a build made from another checkout from pointing elsewhere.
-fn repo(path: &str) -> PathBuf {
-    std::env::current_dir().expect("cwd").join("..").join(path)
-}
-
-fn catalog() -> Catalog {
-    Catalog::load_dir(repo("config/plans")).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn clickhouse_url() -> String {
-    std::env::var("TALLY_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:18123".into())
-}
-
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
-    format!("test_subs_{name}_{}_{nanos}", std::process::id())
-}
-
-/// A private, migrated database, dropped when this goes out of scope.
-struct Db {
-    config: ClickHouseConfig,
-    client: clickhouse::Client,
-}
-
 impl Db {
-    async fn new(name: &str) -> Db {
-        let config = ClickHouseConfig {
-            url: clickhouse_url(),
-            database: unique(name),
-            user: "default".into(),
-            password: String::new(),
-        };
-        let server = migrate::client(&config).with_database("default");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while let Err(e) = server.query("SELECT 1").execute().await {
-            assert!(
-                Instant::now() < deadline,
-                "clickhouse at {} not answering in 30 s (make stack-up): {e}",
-                config.url
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let migrations = migrate::load(&repo("schemas/clickhouse")).expect("migrations");
-        assert!(migrations.iter().any(|m| m.name == "subscriptions"));
-        migrate::apply(&config, &migrations)
-            .await
-            .expect("migrations apply");
-        Db {
-            client: migrate::client(&config),
-            config,
-        }
-    }
-
-    fn store(&self) -> SubscriptionStore {
-        SubscriptionStore::new(&self.config).with_timeout(Duration::from_secs(60))
-    }
-
     async fn rows(&self) -> u64 {
         self.client
             .query("SELECT count() FROM subscription_changes")
             .fetch_one::<u64>()
             .await
             .expect("count")
-    }
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        if std::env::var_os("TALLY_TEST_KEEP").is_some() {
-            eprintln!("kept database {}", self.config.database);
-            return;
-        }
-        let server = migrate::client(&self.config).with_database("default");
-        let sql = format!("DROP DATABASE IF EXISTS {}", self.config.database);
-        // Drop cannot await: a runtime of its own, on a thread of its own.
-        let dropped = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(async {
-                    tokio::time::timeout(Duration::from_secs(30), server.query(&sql).execute())
-                        .await
-                })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(Ok(())))) {
-            eprintln!("could not drop {}", self.config.database);
-        }
     }
 }
 

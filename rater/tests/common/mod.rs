@@ -22,14 +22,9 @@ pub fn config() -> Config {
 }
 
 pub fn database(name: &str) -> ClickHouseConfig {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
     ClickHouseConfig {
-        url: std::env::var("TALLY_CLICKHOUSE_URL")
-            .unwrap_or_else(|_| "http://127.0.0.1:18123".into()),
-        database: format!("test_rater_{name}_{}_{nanos}", std::process::id()),
+        url: clickhouse_url(),
+        database: unique(name),
         user: "default".into(),
         password: String::new(),
     }
@@ -207,4 +202,94 @@ pub async fn count(db: &ClickHouseConfig, sql: &str) -> u64 {
         .fetch_one::<u64>()
         .await
         .expect("count")
+}
+
+/// A repository path. Tests run in the package folder; resolving at run time (not with
+/// `env!`) keeps a build made from another checkout from pointing elsewhere.
+pub fn repo(path: &str) -> std::path::PathBuf {
+    std::env::current_dir().expect("cwd").join("..").join(path)
+}
+
+pub fn catalog() -> tally_rater::Catalog {
+    tally_rater::Catalog::load_dir(repo("config/plans")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn clickhouse_url() -> String {
+    std::env::var("TALLY_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:18123".into())
+}
+
+/// A database name no other test run uses.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    format!("test_rater_{name}_{}_{nanos}", std::process::id())
+}
+
+/// A private, migrated database, dropped when this goes out of scope
+/// (`TALLY_TEST_KEEP=1` keeps it).
+pub struct Db {
+    pub config: ClickHouseConfig,
+    pub client: clickhouse::Client,
+}
+
+impl Db {
+    pub async fn new(name: &str) -> Db {
+        let config = ClickHouseConfig {
+            url: clickhouse_url(),
+            database: unique(name),
+            user: "default".into(),
+            password: String::new(),
+        };
+        let server = migrate::client(&config).with_database("default");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while let Err(e) = server.query("SELECT 1").execute().await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "clickhouse at {} not answering in 30 s (make stack-up): {e}",
+                config.url
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let migrations = migrate::load(&repo("schemas/clickhouse")).expect("migrations");
+        migrate::apply(&config, &migrations)
+            .await
+            .expect("migrations apply");
+        Db {
+            client: migrate::client(&config),
+            config,
+        }
+    }
+
+    pub fn store(&self) -> tally_rater::store::SubscriptionStore {
+        tally_rater::store::SubscriptionStore::new(&self.config)
+            .with_timeout(Duration::from_secs(120))
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if std::env::var_os("TALLY_TEST_KEEP").is_some() {
+            eprintln!("kept database {}", self.config.database);
+            return;
+        }
+        let server = migrate::client(&self.config).with_database("default");
+        let sql = format!("DROP DATABASE IF EXISTS {}", self.config.database);
+        // Drop cannot await: a runtime of its own, on a thread of its own.
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(async {
+                    tokio::time::timeout(Duration::from_secs(30), server.query(&sql).execute())
+                        .await
+                })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(Ok(())))) {
+            eprintln!("could not drop {}", self.config.database);
+        }
+    }
 }
