@@ -3,50 +3,20 @@
 //! broker. It asserts only that the run completes and measures something; speed is the
 //! bench's business, never a test's.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
 
 #[test]
 fn quick_run_completes_and_reports_positive_figures() {
-    let dir = std::env::temp_dir().join(format!("tally-aggbench-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let json = dir.join("summary.json");
-    let log_path = dir.join("output.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally-aggbench"))
-        .arg("--quick")
-        .arg("--json")
-        .arg(&json)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log handle"))
-        .stderr(log)
-        .spawn()
-        .expect("start tally-aggbench");
     // Bounded: a first run may also build tally-aggregator and tally-ingest.
-    let deadline = Instant::now() + Duration::from_secs(900);
-    let output = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for tally-aggbench") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "tally-aggbench --quick still running after 900 s:\n{}",
-                output()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert!(
-        status.success(),
-        "tally-aggbench --quick failed: {status}\n{}",
-        output()
+    let run = common::run(
+        Path::new(env!("CARGO_BIN_EXE_tally-aggbench")),
+        &["--quick", "--json", "{json}"],
+        Duration::from_secs(900),
     );
-
-    let text = std::fs::read_to_string(&json).expect("summary written");
-    let summary: serde_json::Value = serde_json::from_str(&text).expect("summary is JSON");
+    let summary = run.summary();
     let positive = |v: &serde_json::Value, what: &str| {
         let x = v
             .as_f64()
@@ -80,5 +50,4 @@ fn quick_run_completes_and_reports_positive_figures() {
     for field in ["api_p50_ms", "api_p99_ms", "direct_p50_ms", "direct_p99_ms"] {
         positive(&query[field], field);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,0 +1,25 @@
+//! `tally-ratebench --quick` end to end on the stack's ClickHouse: 20,000 subscriptions and
+//! their rollups, invoiced by the pure pricing loop and by the whole run from ClickHouse.
+//! The bench itself fails when the two disagree (count, subtotals, totals); this checks it
+//! completes and reports both. Speed is the bench's business, never a test's.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+#[test]
+fn quick_run_invoices_every_customer_the_same_both_ways() {
+    let run = common::run(
+        Path::new(env!("CARGO_BIN_EXE_tally-ratebench")),
+        &["--quick"],
+        Duration::from_secs(600),
+    );
+    assert!(
+        run.output.contains("invoices agree: 20000 with subtotals"),
+        "{}",
+        run.output
+    );
+    assert!(run.output.contains("pure pricing loop"), "{}", run.output);
+    assert!(run.output.contains("whole run"), "{}", run.output);
+}
