@@ -44,6 +44,9 @@ pub struct Config {
     /// The aggregator: consumer group, flushing, dedupe, the usage API.
     #[serde(default)]
     pub aggregator: AggregatorConfig,
+    /// The quota service: Redis counters and the gateway check.
+    #[serde(default)]
+    pub quota: QuotaConfig,
     /// Tenants and the hashes of their API keys.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -189,6 +192,65 @@ pub struct AggregatorConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// Address of `POST /v1/quota/check`, `/healthz`, `/readyz` and `/metrics`
+    /// (`TALLY_QUOTA_LISTEN`).
+    #[serde(default = "default_quota_listen")]
+    pub listen: String,
+    /// Redis holding the counters (`TALLY_REDIS_URL`).
+    #[serde(default = "default_redis_url")]
+    pub redis_url: String,
+    /// Longest one Redis round trip may take before the meter's `when_redis_down` policy
+    /// answers instead.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
+    /// Folder of plan files (`config/plans/<plan>/v<N>.toml`) (`TALLY_PLANS`).
+    #[serde(default = "default_plans_dir")]
+    pub plans_dir: String,
+    /// Longest a customer's subscription stays cached when no entitlement-change
+    /// notification arrives for it.
+    #[serde(default = "default_cache_ttl_ms")]
+    pub cache_ttl_ms: u64,
+    /// What a customer without a subscription in force gets: `deny`, `allow` (unlimited) or
+    /// `plan:<name>` (the limits of that plan's latest version, periods anchored on the
+    /// first of the month).
+    #[serde(default = "default_no_subscription")]
+    pub no_subscription: String,
+    /// Topic the rater publishes entitlement changes to.
+    #[serde(default = "default_entitlement_topic")]
+    pub entitlement_topic: String,
+    /// Consumer group of the feed that counts metered events into the counters.
+    #[serde(default = "default_feed_group")]
+    pub feed_group: String,
+    /// How long an event id is remembered by the feed, so a retried event counts once.
+    #[serde(default = "default_dedupe_window_secs")]
+    pub dedupe_window_secs: u64,
+    /// Per-meter settings; a meter not listed is counted from checks, fails closed, and
+    /// counts whole units.
+    #[serde(default)]
+    pub meters: Vec<QuotaMeterConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaMeterConfig {
+    /// A meter of the catalog.
+    pub meter: String,
+    /// `checks`: gateway checks with `consume: true` are the usage. `events`: events
+    /// ingested through the pipeline are (checks only ask).
+    #[serde(default = "default_counted_from")]
+    pub counted_from: String,
+    /// `closed`: refuse while Redis is unreachable. `open`: allow, up to the limits applied
+    /// by an in-process limiter.
+    #[serde(default = "default_when_redis_down")]
+    pub when_redis_down: String,
+    /// Decimal places counted: amounts and limits are held as integers of 10^-scale units.
+    #[serde(default)]
+    pub scale: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     /// Tenant id: 1–64 characters of `a-z`, `0-9`, `_`, `-`.
     pub id: String,
@@ -274,6 +336,36 @@ fn default_session_timeout_ms() -> u64 {
 fn default_aggregator_listen() -> String {
     "127.0.0.1:8701".into()
 }
+fn default_quota_listen() -> String {
+    "127.0.0.1:8702".into()
+}
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:16379".into()
+}
+fn default_redis_timeout_ms() -> u64 {
+    250
+}
+fn default_plans_dir() -> String {
+    "config/plans".into()
+}
+fn default_cache_ttl_ms() -> u64 {
+    30_000
+}
+fn default_no_subscription() -> String {
+    "deny".into()
+}
+fn default_entitlement_topic() -> String {
+    "entitlement-changes".into()
+}
+fn default_feed_group() -> String {
+    "tally-quota-feed".into()
+}
+fn default_counted_from() -> String {
+    "checks".into()
+}
+fn default_when_redis_down() -> String {
+    "closed".into()
+}
 fn default_max_future_secs() -> u64 {
     300
 }
@@ -316,7 +408,8 @@ default_from_serde!(
     KafkaConfig,
     ClickHouseConfig,
     ValidationConfig,
-    AggregatorConfig
+    AggregatorConfig,
+    QuotaConfig
 );
 
 impl Default for Config {
@@ -385,6 +478,15 @@ impl Config {
         if let Some(v) = get("TALLY_AGGREGATOR_LISTEN") {
             self.aggregator.listen = v;
         }
+        if let Some(v) = get("TALLY_QUOTA_LISTEN") {
+            self.quota.listen = v;
+        }
+        if let Some(v) = get("TALLY_REDIS_URL") {
+            self.quota.redis_url = v;
+        }
+        if let Some(v) = get("TALLY_PLANS") {
+            self.quota.plans_dir = v;
+        }
         if let Some(v) = get("TALLY_CLICKHOUSE_URL") {
             self.clickhouse.url = v;
         }
@@ -405,8 +507,56 @@ impl Config {
                 "aggregator.dedupe_window_secs: must cover validation.allowed_lateness_secs".into(),
             );
         }
+        self.check_quota()?;
         if self.collector.max_body_bytes == 0 {
             return Err("collector.max_body_bytes: must be positive".into());
+        }
+        Ok(())
+    }
+
+    fn check_quota(&self) -> Result<(), String> {
+        let q = &self.quota;
+        let ns = q.no_subscription.as_str();
+        let plan_ok = ns.strip_prefix("plan:").is_some_and(|p| !p.is_empty());
+        if !(ns == "deny" || ns == "allow" || plan_ok) {
+            return Err(format!(
+                "quota.no_subscription: expected \"deny\", \"allow\" or \"plan:<name>\", got {ns:?}"
+            ));
+        }
+        if q.redis_timeout_ms == 0 {
+            return Err("quota.redis_timeout_ms: must be positive".into());
+        }
+        let catalog = Catalog::new(self.meters.clone()).map_err(|e| e.to_string())?;
+        let mut seen = HashSet::new();
+        for (i, m) in q.meters.iter().enumerate() {
+            let at = |field: &str| format!("quota.meters[{i}].{field}");
+            if catalog.meter(&m.meter).is_none() {
+                return Err(format!(
+                    "{}: no meter {:?} in the catalog",
+                    at("meter"),
+                    m.meter
+                ));
+            }
+            if !seen.insert(m.meter.as_str()) {
+                return Err(format!("{}: meter {:?} listed twice", at("meter"), m.meter));
+            }
+            if !matches!(m.counted_from.as_str(), "checks" | "events") {
+                return Err(format!(
+                    "{}: expected \"checks\" or \"events\", got {:?}",
+                    at("counted_from"),
+                    m.counted_from
+                ));
+            }
+            if !matches!(m.when_redis_down.as_str(), "open" | "closed") {
+                return Err(format!(
+                    "{}: expected \"open\" or \"closed\", got {:?}",
+                    at("when_redis_down"),
+                    m.when_redis_down
+                ));
+            }
+            if m.scale > 9 {
+                return Err(format!("{}: at most 9 decimal places", at("scale")));
+            }
         }
         Ok(())
     }

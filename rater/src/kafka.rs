@@ -1,4 +1,6 @@
-//! Publishing a migration's entitlement changes to Kafka (`entitlement-changes`).
+//! Publishing entitlement changes to Kafka (`entitlement-changes`): a migration's chunks of
+//! customers, and single subscription changes (create, change, cancel). Both carry `tenant`
+//! and `customers`, which is all a cache needs to drop what it holds.
 //!
 //! "Published" means every message was acknowledged by all in-sync replicas (`acks=all`).
 //! Messages are sent together and awaited together, never one at a time. The producer is not
@@ -13,8 +15,41 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tally_core::config::KafkaConfig;
 
+use serde::Serialize;
+use time::OffsetDateTime;
+
 use crate::error::{Error, Result};
 use crate::migration::Notification;
+use crate::subscription::Change;
+
+/// One recorded subscription change, as published.
+#[derive(Debug, Serialize)]
+pub struct ChangeNotice<'a> {
+    pub kind: &'static str,
+    pub change_id: &'a str,
+    pub tenant: &'a str,
+    /// The one customer whose entitlements may change.
+    pub customers: [&'a str; 1],
+    /// The plan version in force from `effective_at` (empty, 0 for a cancel).
+    pub plan: &'a str,
+    pub version: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub effective_at: OffsetDateTime,
+}
+
+impl<'a> ChangeNotice<'a> {
+    pub fn of(change: &'a Change) -> ChangeNotice<'a> {
+        ChangeNotice {
+            kind: change.kind.name(),
+            change_id: &change.change_id,
+            tenant: &change.tenant,
+            customers: [&change.customer],
+            plan: &change.plan,
+            version: change.version,
+            effective_at: change.effective_at,
+        }
+    }
+}
 
 /// The topic entitlement changes go to.
 pub const ENTITLEMENT_TOPIC: &str = "entitlement-changes";
@@ -58,7 +93,29 @@ impl Notifier {
     /// each acknowledgement. Returns how many were published; any failure fails the whole
     /// publish (some messages may have landed: a retry sends them again).
     pub async fn publish(&self, notifications: &[Notification<'_>]) -> Result<usize> {
-        if notifications.is_empty() {
+        let messages = notifications
+            .iter()
+            .map(|n| Ok((n.key(), serde_json::to_vec(n)?)))
+            .collect::<std::result::Result<Vec<_>, serde_json::Error>>()
+            .map_err(|e| Error::Kafka(format!("encoding a notification: {e}")))?;
+        self.send_all(&messages).await
+    }
+
+    /// Publishes one notice per recorded change, keyed by tenant and customer.
+    pub async fn publish_changes(&self, changes: &[&Change]) -> Result<usize> {
+        let messages = changes
+            .iter()
+            .map(|c| {
+                let key = format!("{}/{}", c.tenant, c.customer);
+                Ok((key, serde_json::to_vec(&ChangeNotice::of(c))?))
+            })
+            .collect::<std::result::Result<Vec<_>, serde_json::Error>>()
+            .map_err(|e| Error::Kafka(format!("encoding a notification: {e}")))?;
+        self.send_all(&messages).await
+    }
+
+    async fn send_all(&self, messages: &[(String, Vec<u8>)]) -> Result<usize> {
+        if messages.is_empty() {
             return Ok(0);
         }
         let bound = Duration::from_millis(self.kafka.message_timeout_ms) + Duration::from_secs(5);
@@ -72,12 +129,9 @@ impl Notifier {
                 ))
             })?
             .map_err(|e| Error::Kafka(format!("creating topic {}: {e}", self.topic)))?;
-        let mut pending = Vec::with_capacity(notifications.len());
-        for n in notifications {
-            let payload = serde_json::to_vec(n)
-                .map_err(|e| Error::Kafka(format!("encoding a notification: {e}")))?;
-            let key = n.key();
-            let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+        let mut pending = Vec::with_capacity(messages.len());
+        for (key, payload) in messages {
+            let record = FutureRecord::to(&self.topic).key(key).payload(payload);
             // The queue holds far more than one migration's chunks; a full queue is a
             // failure to report, not to wait out.
             let delivery = self
@@ -96,6 +150,6 @@ impl Notifier {
                 Err(_) => return Err(Error::Kafka("producer dropped a delivery".into())),
             }
         }
-        Ok(notifications.len())
+        Ok(messages.len())
     }
 }

@@ -361,6 +361,7 @@ async fn run(args: anyhow::Result<Args>) -> anyhow::Result<()> {
             change.version = args.version()?;
             let recorded = store.record(&plans()?, args.audit(change)).await?;
             out.recorded(&recorded)?;
+            notify(&config, recorded.change()).await;
         }
         "cancel" => {
             let at = args.time("at")?.context("cancel needs --at")?;
@@ -371,6 +372,7 @@ async fn run(args: anyhow::Result<Args>) -> anyhow::Result<()> {
                 .record(&Catalog::default(), args.audit(change))
                 .await?;
             out.recorded(&recorded)?;
+            notify(&config, recorded.change()).await;
         }
         "list" => {
             let at = args.time("at")?.unwrap_or_else(OffsetDateTime::now_utc);
@@ -743,6 +745,23 @@ fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     print(&mut header.iter().copied());
     for row in &rows {
         print(&mut row.iter().map(String::as_str));
+    }
+}
+
+/// Tells caches (the quota service) that the customer's entitlements may have changed. The
+/// change is already durable; a failed notice is reported, not fatal: caches also expire.
+/// An already-recorded change is notified again, so a rerun repairs a lost notice.
+async fn notify(config: &Config, change: &Change) {
+    let sent = async {
+        Notifier::new(&config.kafka, &config.quota.entitlement_topic)?
+            .publish_changes(&[change])
+            .await
+    };
+    if let Err(e) = sent.await {
+        eprintln!(
+            "warning: change recorded, but the entitlement-change notice was not published ({e}); \
+             caches pick it up within quota.cache_ttl_ms"
+        );
     }
 }
 
