@@ -225,6 +225,11 @@ pub struct QuotaConfig {
     /// How long an event id is remembered by the feed, so a retried event counts once.
     #[serde(default = "default_dedupe_window_secs")]
     pub dedupe_window_secs: u64,
+    /// How often the service reconciles the counters of meters counted from events with
+    /// ClickHouse and repairs drift; 0 turns the periodic job off (`tally-quota reconcile`
+    /// still runs it on demand).
+    #[serde(default = "default_reconcile_interval_secs")]
+    pub reconcile_interval_secs: u64,
     /// Per-meter settings; a meter not listed is counted from checks, fails closed, and
     /// counts whole units.
     #[serde(default)]
@@ -359,6 +364,9 @@ fn default_entitlement_topic() -> String {
 }
 fn default_feed_group() -> String {
     "tally-quota-feed".into()
+}
+fn default_reconcile_interval_secs() -> u64 {
+    300
 }
 fn default_counted_from() -> String {
     "checks".into()

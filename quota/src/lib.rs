@@ -15,6 +15,7 @@ pub mod http;
 pub mod invalidate;
 pub mod metrics;
 pub mod quota;
+pub mod reconcile;
 pub mod resolve;
 pub mod script;
 pub mod window;

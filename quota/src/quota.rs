@@ -256,6 +256,10 @@ impl Quota {
         self.redis_up.load(Ordering::Acquire)
     }
 
+    pub(crate) fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     pub(crate) fn feed_script(&self) -> &redis::Script {
         &self.feed_script
     }

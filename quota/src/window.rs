@@ -22,6 +22,18 @@ pub fn customer_tag(tenant: &str, customer: &str) -> String {
     format!("tq:{{{tenant}/{}:{customer}}}", customer.len())
 }
 
+/// The customer a key of `tenant` belongs to, read back from its hash tag.
+pub fn customer_of(key: &str, tenant: &str) -> Option<String> {
+    let rest = key
+        .strip_prefix("tq:{")?
+        .strip_prefix(tenant)?
+        .strip_prefix('/')?;
+    let (len, rest) = rest.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    let customer = rest.get(..len)?;
+    rest[len..].starts_with('}').then(|| customer.to_owned())
+}
+
 /// The key of one window's state.
 pub fn window_key(tag: &str, meter: &str, window: Window, start: Option<OffsetDateTime>) -> String {
     match start {
@@ -218,6 +230,11 @@ mod tests {
         // Ids that would collide without the length.
         assert_ne!(customer_tag("t", "a}:b"), customer_tag("t", "a}"));
         assert_eq!(seen_key(&a, "e1"), "tq:{demo/3:c-1}:seen:e1");
+        assert_eq!(customer_of(&k, "demo").as_deref(), Some("c-1"));
+        let odd = window_key(&customer_tag("demo", "a}:b{"), "m", Window::Day, None);
+        assert_eq!(customer_of(&odd, "demo").as_deref(), Some("a}:b{"));
+        assert_eq!(customer_of(&k, "dem"), None);
+        assert_eq!(customer_of("tq:{demo/9:c-1}:x", "demo"), None);
     }
 
     #[test]

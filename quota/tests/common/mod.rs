@@ -254,3 +254,55 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A usage record as the collector writes it.
+pub fn record(
+    customer: &str,
+    id: &str,
+    ty: &str,
+    time: OffsetDateTime,
+    data: serde_json::Value,
+) -> Vec<u8> {
+    use time::format_description::well_known::Rfc3339;
+    let t = time.format(&Rfc3339).expect("time");
+    serde_json::json!({"v": 1, "tenant": TENANT, "id": id, "customer": customer, "type": ty,
+        "time": t, "received_at": t, "data": data})
+    .to_string()
+    .into_bytes()
+}
+
+/// Writes records to ClickHouse through the aggregator's own batch and store (one partition,
+/// in order), as its flush does.
+pub async fn write_to_clickhouse(config: &Config, records: &[Vec<u8>]) {
+    use tally_aggregator::rollup::{Dedupe, Incoming, Meters, PartitionBatch};
+    let catalog = config.catalog();
+    let meters = Meters::new(&catalog, config.validation.max_dimension_chars);
+    let mut batch = PartitionBatch::default();
+    let dedupe = Dedupe::default();
+    for (offset, payload) in records.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_slice(payload).expect("record");
+        let key = format!("{TENANT}/{}", v["customer"].as_str().expect("customer"));
+        let outcome = batch.add(
+            &meters,
+            &dedupe,
+            Incoming {
+                partition: 0,
+                offset: offset as i64,
+                key: Some(key.as_bytes()),
+                payload: Some(payload),
+            },
+        );
+        assert_eq!(
+            outcome,
+            tally_aggregator::rollup::Outcome::Counted,
+            "{}",
+            String::from_utf8_lossy(payload)
+        );
+    }
+    let mut rows = Vec::new();
+    batch.take_rows(&meters, "usage-events", 0, 1_800_000_000, &mut rows);
+    tally_aggregator::store::Store::new(&config.clickhouse, Duration::from_secs(30))
+        .insert(&rows)
+        .await
+        .expect("insert");
+}
