@@ -293,8 +293,16 @@ impl Quota {
         let started = Instant::now();
         let mut answers: Vec<Option<Result<Decision, CheckError>>> = vec![None; checks.len()];
         let mut prepared = Vec::with_capacity(checks.len());
-        for (index, c) in checks.iter().enumerate() {
-            match self.prepare(index, c, now).await {
+        // Cached customers resolve at once; uncached ones are read from the store together.
+        let resolved = futures::future::join_all(
+            checks
+                .iter()
+                .enumerate()
+                .map(|(index, c)| self.prepare(index, c, now)),
+        )
+        .await;
+        for (index, r) in resolved.into_iter().enumerate() {
+            match r {
                 Ok(Ok(p)) => prepared.push(p),
                 Ok(Err(done)) => answers[index] = Some(Ok(done)),
                 Err(e) => answers[index] = Some(Err(e)),

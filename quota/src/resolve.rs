@@ -114,6 +114,9 @@ struct Entry {
 
 type Key = (String, String);
 
+/// Entries held before stale ones are swept out.
+const MAX_CACHED: usize = 1_000_000;
+
 /// Subscription timelines, cached per (tenant, customer).
 pub struct Resolver {
     store: SubscriptionStore,
@@ -176,6 +179,13 @@ impl Resolver {
                 metrics::counter!(crate::metrics::CACHE_FETCHES, "outcome" => "ok").increment(1);
                 if self.epoch.load(Ordering::Acquire) == epoch {
                     let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+                    if cache.len() >= MAX_CACHED {
+                        let ttl = self.ttl;
+                        cache.retain(|_, e| e.fetched.elapsed() < ttl);
+                        if cache.len() >= MAX_CACHED {
+                            cache.clear();
+                        }
+                    }
                     cache.insert(
                         key,
                         Entry {
