@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::StreamExt;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
@@ -185,6 +186,9 @@ pub struct Quota {
     epoch: Instant,
 }
 
+/// Most subscription reads one batch runs at once.
+const STORE_READS: usize = 16;
+
 /// How long checks skip Redis after a failed round trip before one tries it again.
 const REDIS_RETRY: Duration = Duration::from_millis(200);
 
@@ -293,14 +297,17 @@ impl Quota {
         let started = Instant::now();
         let mut answers: Vec<Option<Result<Decision, CheckError>>> = vec![None; checks.len()];
         let mut prepared = Vec::with_capacity(checks.len());
-        // Cached customers resolve at once; uncached ones are read from the store together.
-        let resolved = futures::future::join_all(
-            checks
-                .iter()
-                .enumerate()
-                .map(|(index, c)| self.prepare(index, c, now)),
-        )
-        .await;
+        // Cached customers resolve at once; uncached ones are read from the store a few at a
+        // time (a cold batch must not open one store query per check all at once).
+        let pending: Vec<_> = checks
+            .iter()
+            .enumerate()
+            .map(|(index, c)| self.prepare(index, c, now))
+            .collect();
+        let resolved: Vec<_> = futures::stream::iter(pending)
+            .buffered(STORE_READS)
+            .collect()
+            .await;
         for (index, r) in resolved.into_iter().enumerate() {
             match r {
                 Ok(Ok(p)) => prepared.push(p),
