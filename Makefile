@@ -23,11 +23,13 @@ demo: up
 	$(CARGO_TARGET_DIR)/release/tally-demo
 
 # The load benches, figures as ratios against baselines from the same run (BENCHMARKS.md):
-# the collector (tally-load), then the aggregator, freshness and usage queries (tally-aggbench).
+# the collector (tally-load), then the aggregator, freshness and usage queries (tally-aggbench),
+# then the quota check on Redis (tally-quotabench; tally-bench builds it with the others).
 bench: stack-up
 	cargo build --release -p tally-ingest -p tally-aggregator -p tally-bench
 	$(CARGO_TARGET_DIR)/release/tally-load
 	$(CARGO_TARGET_DIR)/release/tally-aggbench
+	$(CARGO_TARGET_DIR)/release/tally-quotabench
 
 # The stack plus every tally service built so far, in the background.
 up: stack-up

@@ -11,4 +11,5 @@ pub mod events;
 pub mod load;
 pub mod procfs;
 pub mod produce;
+pub mod quota;
 pub mod report;

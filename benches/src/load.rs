@@ -83,6 +83,7 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
 
 /// POSTs `total` requests to `path`, cycling through `bodies` (shared among the tasks in
 /// order), stopping early after `max_time`. Connections are opened before the clock starts.
+/// A request succeeds when answered 202.
 pub async fn drive(
     addr: SocketAddr,
     path: &'static str,
@@ -90,6 +91,28 @@ pub async fn drive(
     total: usize,
     concurrency: usize,
     max_time: Duration,
+) -> anyhow::Result<LoadResult> {
+    drive_expecting(
+        addr,
+        path,
+        bodies,
+        total,
+        concurrency,
+        max_time,
+        StatusCode::ACCEPTED,
+    )
+    .await
+}
+
+/// [`drive`] for an endpoint whose success is `expect` rather than 202.
+pub async fn drive_expecting(
+    addr: SocketAddr,
+    path: &'static str,
+    bodies: Arc<Vec<Body>>,
+    total: usize,
+    concurrency: usize,
+    max_time: Duration,
+    expect: StatusCode,
 ) -> anyhow::Result<LoadResult> {
     anyhow::ensure!(!bodies.is_empty(), "no bodies to send");
     let mut senders = Vec::with_capacity(concurrency);
@@ -105,6 +128,7 @@ pub async fn drive(
         total,
         next: AtomicUsize::new(0),
         stop_at: started + max_time,
+        expect,
     });
     let tasks: Vec<_> = senders
         .into_iter()
@@ -136,6 +160,8 @@ struct Plan {
     /// The next request to send, claimed by whichever task is free.
     next: AtomicUsize,
     stop_at: Instant,
+    /// The status of a successful answer.
+    expect: StatusCode,
 }
 
 async fn worker(plan: Arc<Plan>, mut sender: SendRequest<Full<Bytes>>) -> Worker {
@@ -176,7 +202,7 @@ async fn worker(plan: Arc<Plan>, mut sender: SendRequest<Full<Bytes>>) -> Worker
         .await;
         let latency = sent.elapsed();
         match answer {
-            Ok(Ok((StatusCode::ACCEPTED, bytes))) => {
+            Ok(Ok((status, bytes))) if status == plan.expect => {
                 if body.events > 1 && accepted(&bytes) != Some(body.events) {
                     w.fail(format!(
                         "batch partly accepted: {}",

@@ -23,14 +23,25 @@ pub fn self_cpu_seconds() -> Option<f64> {
     cpu_seconds_at(Path::new("/proc/self/stat"))
 }
 
+/// User plus system CPU seconds of this process's children that have exited and been waited
+/// for.
+pub fn children_cpu_seconds() -> Option<f64> {
+    ticks_at(Path::new("/proc/self/stat"), 13)
+}
+
 fn cpu_seconds_at(path: &Path) -> Option<f64> {
+    ticks_at(path, 11)
+}
+
+/// Two consecutive tick fields of a `stat` file (0-based after the command name), summed.
+fn ticks_at(path: &Path, first: usize) -> Option<f64> {
     let text = std::fs::read_to_string(path).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let fields: Vec<&str> = text.get(text.rfind(')')? + 2..)?.split(' ').collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let user: u64 = fields.get(first)?.parse().ok()?;
+    let system: u64 = fields.get(first + 1)?.parse().ok()?;
     // USER_HZ is 100 on every Linux architecture's /proc ABI.
-    Some((utime + stime) as f64 / 100.0)
+    Some((user + system) as f64 / 100.0)
 }
 
 /// Online CPUs and the model name from `/proc/cpuinfo`.
@@ -58,6 +69,7 @@ mod tests {
         assert!(status_bytes(pid, "VmHWM").is_some_and(|b| b > 0));
         assert!(cpu_seconds(pid).is_some());
         assert!(self_cpu_seconds().is_some());
+        assert!(children_cpu_seconds().is_some());
         assert!(machine().0 >= 1);
     }
 }

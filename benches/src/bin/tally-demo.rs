@@ -142,7 +142,104 @@ async fn main() -> anyhow::Result<()> {
     println!("  {total_new} records written this run (accepted events, retries included)");
 
     let usage = env("TALLY_USAGE_URL", "http://127.0.0.1:8701");
-    print_usage(&client, &usage).await
+    print_usage(&client, &usage).await?;
+    let quota = env("TALLY_QUOTA_URL", "http://127.0.0.1:8702");
+    gateway_loop(&client, &quota, run).await
+}
+
+/// A gateway in front of an API: one quota check per request, until a customer hits its
+/// limit; then what the events fed into the token counters.
+async fn gateway_loop(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    base: &str,
+    run: i64,
+) -> anyhow::Result<()> {
+    let url = format!("{base}/v1/quota/check");
+    let customer = format!("gateway-{run}");
+    println!(
+        "
+gateway loop against {url}: customer {customer}, one check per API request"
+    );
+    let started = Instant::now();
+    let mut allowed = 0u64;
+    let mut last = Value::Null;
+    for attempt in 1..=5_000u64 {
+        let body = json!({"customer": customer, "meter": "requests", "amount": 1, "consume": true});
+        last = post_quota(client, &url, &body).await?;
+        if last["allowed"] == true {
+            allowed += 1;
+            continue;
+        }
+        println!(
+            "  {allowed} requests allowed, request {attempt} refused ({:.0} ms for all checks)",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        break;
+    }
+    println!(
+        "  refusal: allowed={} limit={} per {} used={} remaining={} reset_at={} plan={} answered by {}",
+        last["allowed"],
+        last["limit"].as_str().unwrap_or("-"),
+        last["window"].as_str().unwrap_or("-"),
+        last["used"].as_str().unwrap_or("-"),
+        last["remaining"].as_str().unwrap_or("-"),
+        last["reset_at"].as_str().unwrap_or("-"),
+        last["plan"].as_str().unwrap_or("-"),
+        last["answered"].as_str().unwrap_or("-"),
+    );
+    println!(
+        "
+tokens counted from this run's events into the quota counters (asked, not consumed):"
+    );
+    for c in 0..3 {
+        let customer = format!("demo-cust-{c}");
+        let body =
+            json!({"customer": customer, "meter": "tokens", "amount": 1000, "consume": false});
+        let d = post_quota(client, &url, &body).await?;
+        let windows: Vec<String> = d["windows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|w| {
+                format!(
+                    "{} of {} this {}",
+                    w["used"].as_str().unwrap_or("?"),
+                    w["limit"].as_str().unwrap_or("?"),
+                    w["window"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        println!(
+            "  {customer}: {} — 1000 more allowed: {}",
+            windows.join(", "),
+            d["allowed"]
+        );
+    }
+    Ok(())
+}
+
+async fn post_quota(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    url: &str,
+    body: &Value,
+) -> anyhow::Result<Value> {
+    let req = http::Request::post(url)
+        .header("authorization", "Bearer demo-key")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .context("quota API did not answer within 10 s")?
+        .with_context(|| format!("cannot reach the quota API at {url} (is `make up` running?)"))?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    if status != http::StatusCode::OK {
+        bail!(
+            "quota API answered {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+    Ok(serde_json::from_slice(&bytes)?)
 }
 
 const METERS: &[&str] = &["requests", "tokens", "storage_gb", "active_users"];
