@@ -135,7 +135,8 @@ impl Rule {
 
 /// Decides a request against every window of a meter at once: granted only if every window
 /// grants it, and then consumed in all of them (all or nothing). Returns each window's
-/// outcome; when refused, every outcome shows the state before the request.
+/// outcome; unless consumed, every outcome shows the state before the request, and `allowed`
+/// says whether that window alone would grant it.
 pub fn check_all(rules: &[(Rule, u64)], now: Micros, amount: u64, consume: bool) -> Vec<Outcome> {
     let trial: Vec<Outcome> = rules
         .iter()
@@ -150,7 +151,8 @@ pub fn check_all(rules: &[(Rule, u64)], now: Micros, amount: u64, consume: bool)
         .zip(trial)
         .map(|((rule, state), t)| {
             let mut before = rule.check(*state, now, 0);
-            before.allowed = allowed && t.allowed;
+            // Whether this window alone would grant it: a refusal names its window.
+            before.allowed = t.allowed;
             before
         })
         .collect()
@@ -246,10 +248,11 @@ mod tests {
             ),
         ];
         let out = check_all(&rules, SEC, 2, true);
-        assert!(out.iter().all(|o| !o.allowed));
+        assert!(out[0].allowed, "the rate window alone would grant it");
+        assert!(!out[1].allowed);
         assert_eq!(out[0].used, 0, "the rate window is not consumed");
         assert_eq!(out[1].used, 2);
-        assert_eq!(binding(&out), Some(0), "first refusing window");
+        assert_eq!(binding(&out), Some(1), "the refusing window binds");
         let ok = check_all(&rules, SEC, 1, true);
         assert!(ok.iter().all(|o| o.allowed));
         assert_eq!(ok[1].used, 3);
