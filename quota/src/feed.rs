@@ -42,16 +42,17 @@ pub struct Increment {
 
 /// What one record adds to the counters: one invocation per meter counted from events that
 /// the customer has limits on. Records that cannot be read count nothing (the aggregator
-/// dead-letters them).
+/// dead-letters them). Fails when the customer's subscription cannot be read and nothing is
+/// cached: the caller retries the batch.
 pub async fn increments(
     quota: &Quota,
     catalog: &Catalog,
     config: &Config,
     payload: &[u8],
-) -> Vec<Increment> {
+) -> Result<Vec<Increment>, crate::resolve::ResolveError> {
     let Ok(rec) = serde_json::from_slice::<UsageRecord>(payload) else {
         metrics::counter!(FED_EVENTS, "outcome" => "unreadable").increment(1);
-        return Vec::new();
+        return Ok(Vec::new());
     };
     let mut out = Vec::new();
     for meter in catalog.meters_for_type(&rec.event_type) {
@@ -73,13 +74,10 @@ pub async fn increments(
             MeterValue::Identifier(_) => None,
         };
         let Some(units) = units else { continue };
-        let Ok(timeline) = quota.resolver().timeline(&rec.tenant, &rec.customer).await else {
-            // Store unreachable and nothing cached: the caller retries the batch.
-            return vec![Increment {
-                keys: Vec::new(),
-                args: Vec::new(),
-            }];
-        };
+        let timeline = quota
+            .resolver()
+            .timeline(&rec.tenant, &rec.customer)
+            .await?;
         let Ok(source) = quota.resolver().source(&timeline, rec.time) else {
             continue;
         };
@@ -112,16 +110,12 @@ pub async fn increments(
         }
         out.push(Increment { keys, args });
     }
-    out
+    Ok(out)
 }
 
 /// Applies increments in one pipeline; returns how many were new (the rest were seen
-/// before). An increment without keys means "could not be computed": the batch fails.
+/// before).
 pub async fn apply(quota: &Quota, increments: &[Increment]) -> anyhow::Result<(u64, u64)> {
-    anyhow::ensure!(
-        increments.iter().all(|i| !i.keys.is_empty()),
-        "subscription store unreachable"
-    );
     if increments.is_empty() {
         return Ok((0, 0));
     }
@@ -201,13 +195,17 @@ pub async fn run(
         }
         let mut backoff = Duration::from_millis(100);
         loop {
-            let mut incs = Vec::new();
-            for (_, _, payload) in &batch {
-                incs.extend(increments(&quota, &catalog, &config, payload).await);
+            let applied = async {
+                let mut incs = Vec::new();
+                for (_, _, payload) in &batch {
+                    incs.extend(increments(&quota, &catalog, &config, payload).await?);
+                }
+                apply(&quota, &incs).await
             }
-            match apply(&quota, &incs).await {
+            .await;
+            match applied {
                 Ok(_) => {
-                    quota.mark_redis_up(true);
+                    quota.mark_redis(true);
                     break;
                 }
                 Err(e) => {

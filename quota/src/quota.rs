@@ -268,10 +268,6 @@ impl Quota {
         &self.feed_script
     }
 
-    pub(crate) fn mark_redis_up(&self, up: bool) {
-        self.mark_redis(up);
-    }
-
     /// One check.
     pub async fn check(&self, check: &Check<'_>) -> Result<Decision, CheckError> {
         self.check_many(std::slice::from_ref(check))
@@ -564,7 +560,7 @@ impl Quota {
         decision(p, &outcomes, Answered::FallbackOpen)
     }
 
-    fn mark_redis(&self, up: bool) {
+    pub(crate) fn mark_redis(&self, up: bool) {
         let was = self.redis_up.swap(up, Ordering::AcqRel);
         if up && !was {
             tracing::info!("redis reachable again; in-process fallback state dropped");

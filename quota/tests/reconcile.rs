@@ -41,7 +41,11 @@ async fn reconciliation_finds_and_repairs_drift() {
     let catalog = config.catalog();
     let mut incs = Vec::new();
     for r in &records {
-        incs.extend(feed::increments(&q, &catalog, &config, r).await);
+        incs.extend(
+            feed::increments(&q, &catalog, &config, r)
+                .await
+                .expect("resolved"),
+        );
     }
     assert_eq!(feed::apply(&q, &incs).await.expect("fed"), (20, 0));
     let clean = reconcile(&q, &config, TENANT, now, Duration::from_millis(100), true)
