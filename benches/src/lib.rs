@@ -12,4 +12,5 @@ pub mod load;
 pub mod procfs;
 pub mod produce;
 pub mod quota;
+pub mod quota_fresh;
 pub mod report;

@@ -1,6 +1,6 @@
 //! `tally-quotabench` with tiny settings on the stack's Redis and ClickHouse: every phase
-//! runs once (redis-benchmark, the library pipelined and one at a time, the HTTP endpoint)
-//! and the figures are printed. It asserts only that the run completes and reports; speed is
+//! runs once (redis-benchmark, the library pipelined and one at a time, the HTTP endpoint,
+//! events through a collector into the counters) and the figures are printed. It asserts only that the run completes and reports; speed is
 //! the bench's business, never a test's.
 
 mod common;
@@ -25,6 +25,10 @@ fn tiny_run_completes_and_prints_every_figure() {
             "20",
             "--http-requests",
             "2000",
+            "--fresh-events",
+            "20",
+            "--fresh-rate",
+            "50",
             "--json",
             "{json}",
         ],
@@ -37,6 +41,7 @@ fn tiny_run_completes_and_prints_every_figure() {
         "3. POST /v1/quota/check",
         "target: pipelined library >= 0.50 x redis-benchmark:",
         "target: single check p99 < 1 ms:",
+        "target: freshness (202 -> counted by the quota feed) p99 < 2000 ms:",
         "--- markdown for BENCHMARKS.md ---",
     ] {
         assert!(run.output.contains(line), "no {line:?} in:\n{}", run.output);
@@ -51,4 +56,10 @@ fn tiny_run_completes_and_prints_every_figure() {
         }
         assert_eq!(f["library"]["failed"], 0, "{f}");
     }
+    let fresh = &summary["freshness"];
+    assert_eq!(fresh["sent"], 20, "{summary}");
+    assert_eq!(
+        fresh["counted"], 20,
+        "every event accepted is counted: {summary}"
+    );
 }

@@ -7,7 +7,9 @@
 //! 2. latency: single `Quota::check` calls and single batches, one at a time, against
 //!    `redis-benchmark` with one connection;
 //! 3. the HTTP endpoint: `POST /v1/quota/check` served in-process, over keep-alive
-//!    connections, against the library called directly with the same concurrency.
+//!    connections, against the library called directly with the same concurrency;
+//! 4. freshness: events accepted by a collector until the quota feed has counted them, against
+//!    the p99 < 2 s target (`tally_bench::quota_fresh`).
 //!
 //! Customers have no subscription (a private, empty subscription database), so each gets the
 //! limits of the `--plan` given as `quota.no_subscription`. `tally-quotabench --help` lists
@@ -22,8 +24,10 @@ use anyhow::{bail, ensure, Context};
 use bytes::Bytes;
 use http::StatusCode;
 use redis::Value;
+use tally_bench::agg::report::{quantile, Freshness};
 use tally_bench::events::Body;
 use tally_bench::quota::{self as baseline, BenchRun, Load};
+use tally_bench::quota_fresh;
 use tally_bench::report::{median, thousands};
 use tally_bench::{load, procfs};
 use tally_core::Config;
@@ -40,6 +44,7 @@ The quota check on Redis, each figure against a baseline from the same run:
   1. checks/s of Quota::check_many, pipelined, vs redis-benchmark sending the same EVALSHA
   2. p50/p99 of single Quota::check calls and of single batches, one at a time
   3. POST /v1/quota/check served in-process vs the library called directly
+  4. freshness: 202 from a collector -> counted by the quota feed, p99 vs 2 s
 
   --rounds K            rounds, baseline then library in each (median shown) [default 3]
   --checks N            pipelined checks per round on each side            [default 200000]
@@ -52,6 +57,8 @@ The quota check on Redis, each figure against a baseline from the same run:
   --latency-batches N   batches timed one at a time per round              [default 200]
   --connections N       HTTP keep-alive connections (and direct tasks)     [default 32]
   --http-requests N     HTTP requests per round (and direct checks)        [default 100000]
+  --fresh-events N      events of the freshness figure (0: skip it)        [default 500]
+  --fresh-rate R        events per second sent for it                      [default 100]
   --plan NAME           quota.no_subscription = plan:NAME                  [default pro]
   --redis-url URL       Redis to measure           [default: quota.redis_url of the config]
   --config FILE         configuration                    [default config/tally.dev.toml]
@@ -60,7 +67,7 @@ The quota check on Redis, each figure against a baseline from the same run:
   -h, --help            this text
 
 Environment: the config's TALLY_* overrides (TALLY_REDIS_URL, TALLY_CLICKHOUSE_URL,
-TALLY_PLANS), TALLY_REDIS_BENCHMARK (default /usr/bin/redis-benchmark).";
+TALLY_PLANS, TALLY_KAFKA_BROKERS), TALLY_REDIS_BENCHMARK (default /usr/bin/redis-benchmark).";
 
 const TENANT: &str = "demo";
 const METER: &str = "requests";
@@ -82,6 +89,8 @@ struct Options {
     latency_batches: usize,
     connections: usize,
     http_requests: usize,
+    fresh_events: usize,
+    fresh_rate: f64,
     plan: String,
     redis_url: Option<String>,
     config: PathBuf,
@@ -103,6 +112,8 @@ impl Options {
             latency_batches: 200,
             connections: 32,
             http_requests: 100_000,
+            fresh_events: 500,
+            fresh_rate: 100.0,
             plan: "pro".into(),
             redis_url: None,
             config: root().join("config/tally.dev.toml"),
@@ -133,6 +144,19 @@ impl Options {
                 "--latency-batches" => o.latency_batches = number(value()?)?,
                 "--connections" => o.connections = number(value()?)?,
                 "--http-requests" => o.http_requests = number(value()?)?,
+                "--fresh-events" => {
+                    let v = value()?;
+                    o.fresh_events = v
+                        .parse()
+                        .with_context(|| format!("--fresh-events: expected a number, got {v:?}"))?;
+                }
+                "--fresh-rate" => {
+                    let v = value()?;
+                    o.fresh_rate = match v.parse::<f64>() {
+                        Ok(r) if r > 0.0 && r.is_finite() => r,
+                        _ => bail!("--fresh-rate: expected a positive number, got {v:?}"),
+                    };
+                }
                 "--plan" => o.plan = value()?.clone(),
                 "--redis-url" => o.redis_url = Some(value()?.clone()),
                 "--config" => o.config = PathBuf::from(value()?),
@@ -779,10 +803,26 @@ async fn run(o: Options, args: &[String]) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = server.await;
 
+    let freshness = if o.fresh_events > 0 {
+        let run = format!(
+            "{}-{}",
+            std::process::id(),
+            now.unix_timestamp_nanos() / 1_000_000
+        );
+        let f = quota_fresh::measure(&quota, &config, TENANT, &run, o.fresh_events, o.fresh_rate)
+            .await
+            .context("freshness")?;
+        eprintln!("freshness: {}", quota_fresh::summary(&f));
+        Some(f)
+    } else {
+        None
+    };
+
     let report = Report {
         header,
         options: o.clone(),
         rounds,
+        freshness,
     };
     println!("{}", report.text());
     println!(
@@ -811,6 +851,7 @@ struct Report {
     header: Header,
     options: Options,
     rounds: Vec<Round>,
+    freshness: Option<Freshness>,
 }
 
 /// A figure: baseline and subject phases per round.
@@ -1060,6 +1101,15 @@ impl Report {
             .iter()
             .map(|r| r.warm_up.as_secs_f64())
             .collect();
+        if let Some(f) = &self.freshness {
+            t.push(format!(
+                "target: freshness (202 -> counted by the quota feed) p99 < {:.0} ms: {:.0} ms {}",
+                quota_fresh::TARGET_P99_MS,
+                quantile(&f.latencies_ms, 0.99),
+                verdict(quota_fresh::pass(f))
+            ));
+            t.push(format!("  freshness: {}", quota_fresh::summary(f)));
+        }
         t.push(format!(
             "subscription cache: {} customers read in {:.2} s before each library phase (median of rounds); {reads} subscription reads during timed phases",
             self.options.customers,
@@ -1115,6 +1165,21 @@ impl Report {
                 result
             ));
         }
+        if let Some(f) = &self.freshness {
+            m.push(format!(
+                "| 4. freshness: 202 → counted in Redis ({} events at {:.0}/s, `{}`) | - | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {} not counted, {} refused | - | p99 < {:.0} ms | {} |",
+                f.sent,
+                f.per_second,
+                quota_fresh::METER,
+                quantile(&f.latencies_ms, 0.5),
+                quantile(&f.latencies_ms, 0.99),
+                f.latencies_ms.last().copied().unwrap_or(f64::NAN),
+                f.missing,
+                f.refused,
+                quota_fresh::TARGET_P99_MS,
+                verdict(quota_fresh::pass(f))
+            ));
+        }
         m.push(String::new());
         m.push("Cores busy (median of rounds; CPU seconds / wall seconds): bench process / redis-benchmark / redis-server:".to_owned());
         m.push(String::new());
@@ -1162,6 +1227,16 @@ impl Report {
             "pipelined_pass": self.pipelined_pass(),
             "single_p99_ms": self.single_p99(),
             "single_p99_pass": self.single_p99() < SINGLE_P99_TARGET_MS,
+            "freshness": self.freshness.as_ref().map(|f| serde_json::json!({
+                "sent": f.sent,
+                "per_second": f.per_second,
+                "counted": f.latencies_ms.len(),
+                "missing": f.missing,
+                "refused": f.refused,
+                "p50_ms": quantile(&f.latencies_ms, 0.5),
+                "p99_ms": quantile(&f.latencies_ms, 0.99),
+                "pass": quota_fresh::pass(f),
+            })),
         })
     }
 }
