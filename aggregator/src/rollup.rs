@@ -58,17 +58,24 @@ pub struct Poison {
     pub detail: String,
 }
 
-/// A 128-bit fingerprint of (tenant, event id): collisions are out of reach at any volume
-/// this state holds, and it costs 16 bytes instead of the strings.
+/// A 128-bit fingerprint of an event's identity, (tenant, customer, event id): collisions
+/// are out of reach at any volume this state holds, and it costs 16 bytes instead of the
+/// strings.
+///
+/// The customer is part of it because records are keyed (and partitioned) by tenant and
+/// customer: a retry always lands in the partition of its first copy, but two customers who
+/// happen to use one id may not, so a key without the customer would make "duplicate" depend
+/// on partitioning. The quota feed counts once per the same identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EventKey(u128);
 
 impl EventKey {
-    pub fn new(tenant: &str, id: &str) -> EventKey {
+    pub fn new(tenant: &str, customer: &str, id: &str) -> EventKey {
         let half = |salt: u8| {
             let mut h = std::hash::DefaultHasher::new();
             salt.hash(&mut h);
             tenant.hash(&mut h);
+            customer.hash(&mut h);
             id.hash(&mut h);
             h.finish()
         };
@@ -218,7 +225,7 @@ impl PartitionBatch {
             self.note_offset(offset);
         }
         let (catalog, max_dimension_chars) = (meters.catalog, meters.max_dimension_chars);
-        let event_key = EventKey::new(&record.tenant, &record.id);
+        let event_key = EventKey::new(&record.tenant, &record.customer, &record.id);
         if dedupe.contains(&event_key) || self.new_keys.contains_key(&event_key) {
             return Outcome::Duplicate;
         }

@@ -65,6 +65,7 @@ pub struct RawEvent {
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]
 struct SeenRow {
     tenant: String,
+    customer: String,
     id: String,
     received_at: u32,
 }
@@ -126,7 +127,7 @@ impl Store {
             let mut cursor = self
                 .client
                 .query(
-                    "SELECT tenant, id, toUInt32(received_at) AS received_at FROM events_raw \
+                    "SELECT tenant, customer, id, toUInt32(received_at) AS received_at FROM events_raw \
                      WHERE kafka_partition = ? AND received_at >= toDateTime(?, 'UTC')",
                 )
                 .bind(partition as u32)
@@ -134,7 +135,7 @@ impl Store {
                 .fetch::<SeenRow>()?;
             let mut dedupe = Dedupe::default();
             while let Some(row) = cursor.next().await? {
-                dedupe.insert(EventKey::new(&row.tenant, &row.id), row.received_at);
+                dedupe.insert(EventKey::new(&row.tenant, &row.customer, &row.id), row.received_at);
             }
             Ok(dedupe)
         })

@@ -121,7 +121,11 @@ impl Validator<'_> {
         tenant: &Tenant,
         now: OffsetDateTime,
     ) -> (Vec<UsageRecord>, Vec<Refused>) {
-        dedupe(candidates, |c| self.candidate(c, tenant, now), |r| &r.id)
+        dedupe(
+            candidates,
+            |c| self.candidate(c, tenant, now),
+            |r| (r.customer.as_bytes(), r.id.as_str()),
+        )
     }
 
     /// Splits a request body and validates its events like [`body::split`] followed by
@@ -164,7 +168,8 @@ impl Validator<'_> {
                         .map(|r| Encoded::of(&r))
                 }
             },
-            |e| &e.id,
+            // The key is tenant/customer, the tenant the same for the whole request.
+            |e| (e.key.as_slice(), e.id.as_str()),
         );
         if whole_body_error.is_some() {
             let candidates = body::split(body, format, max_events)?;
@@ -308,26 +313,34 @@ impl Validator<'_> {
 /// A refused candidate: its id when readable, the error, the metric reason.
 type Failure = (Option<String>, String, &'static str);
 
-/// Runs `check` over a request's candidates in order, refusing a repeated id after its
-/// first occurrence.
+/// Runs `check` over a request's candidates in order, refusing a repeated event after its
+/// first occurrence. An event is its customer and id (the tenant is the request's), as in
+/// the aggregator's dedupe: `identity` gives a candidate's customer (or record key) and id.
 fn dedupe<C, T>(
     candidates: Vec<C>,
     mut check: impl FnMut(C) -> Result<T, Failure>,
-    id: impl Fn(&T) -> &String,
+    identity: impl Fn(&T) -> (&[u8], &str),
 ) -> (Vec<T>, Vec<Refused>) {
     let mut accepted = Vec::with_capacity(candidates.len());
     let mut refused = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut seen: HashMap<(Vec<u8>, String), usize> = HashMap::new();
     for (index, candidate) in candidates.into_iter().enumerate() {
-        let result = check(candidate).and_then(|t| match seen.get(id(&t)) {
-            Some(first) => Err((
-                Some(id(&t).clone()),
-                format!("id: duplicate of the event at index {first} in this request"),
-                "duplicate_id",
-            )),
-            None => {
-                seen.insert(id(&t).clone(), index);
-                Ok(t)
+        let result = check(candidate).and_then(|t| {
+            let (who, id) = identity(&t);
+            let key = (who.to_vec(), id.to_owned());
+            match seen.get(&key) {
+                Some(first) => Err((
+                    Some(key.1),
+                    format!(
+                        "id: duplicate of the event at index {first} in this request \
+                         (same customer and id)"
+                    ),
+                    "duplicate_id",
+                )),
+                None => {
+                    seen.insert(key, index);
+                    Ok(t)
+                }
             }
         });
         match result {

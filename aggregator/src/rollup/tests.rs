@@ -104,6 +104,26 @@ fn duplicates_in_the_batch_or_the_window_are_not_counted() {
 }
 
 #[test]
+fn an_id_is_an_event_of_its_customer() {
+    // Two customers sharing an id are two events, whether or not they share a partition.
+    let d = Dedupe::default();
+    let mut b = PartitionBatch::default();
+    let first = record("same", "c1", "request", T, json!({"endpoint": "/x"}));
+    let other = record("same", "c2", "request", T, json!({"endpoint": "/x"}));
+    assert_eq!(add(&mut b, &d, 0, &first), Outcome::Counted);
+    assert_eq!(add(&mut b, &d, 1, &other), Outcome::Counted);
+    assert_eq!(add(&mut b, &d, 2, &other), Outcome::Duplicate);
+    assert_ne!(
+        EventKey::new("demo", "c1", "same"),
+        EventKey::new("demo", "c2", "same")
+    );
+    assert_ne!(
+        EventKey::new("demo", "c1", "same"),
+        EventKey::new("demo2", "c1", "same")
+    );
+}
+
+#[test]
 fn latest_follows_event_time_not_arrival() {
     let d = Dedupe::default();
     let mut b = PartitionBatch::default();

@@ -322,12 +322,20 @@ fn batch_reports_each_refusal_by_index_and_refuses_repeated_ids() {
         {"id": "b", "customer": "c", "type": "completion", "data": {"tokens": "x"}},
         {"id": "a", "customer": "c", "type": "request"},
         5,
-        {"id": "d", "customer": "c", "type": "storage", "data": {"gb": 1}}
+        {"id": "d", "customer": "c", "type": "storage", "data": {"gb": 1}},
+        {"id": "a", "customer": "other", "type": "request"}
     ]"#;
     let candidates = split(body, BodyFormat::Json, 100).expect("body");
     let (ok, refused) = v.validate_batch(candidates, &tenant(true), NOW);
-    let ids: Vec<_> = ok.iter().map(|r| r.id.as_str()).collect();
-    assert_eq!(ids, ["a", "d"]);
+    let ids: Vec<_> = ok
+        .iter()
+        .map(|r| (r.customer.as_str(), r.id.as_str()))
+        .collect();
+    assert_eq!(
+        ids,
+        [("c", "a"), ("c", "d"), ("other", "a")],
+        "another customer's id is another event"
+    );
     let got: Vec<_> = refused
         .iter()
         .map(|r| (r.index, r.id.as_deref(), r.reason))
@@ -342,7 +350,7 @@ fn batch_reports_each_refusal_by_index_and_refuses_repeated_ids() {
     );
     assert_eq!(
         refused[1].error,
-        "id: duplicate of the event at index 0 in this request"
+        "id: duplicate of the event at index 0 in this request (same customer and id)"
     );
 }
 

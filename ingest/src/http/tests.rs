@@ -147,7 +147,7 @@ async fn partial_batches_report_each_refusal() {
         b,
         json!({"accepted": 1, "rejected": [
             {"index": 1, "id": "b", "error": "data.tokens: \"lots\" is not a valid quantity: not a decimal number"},
-            {"index": 2, "id": "a", "error": "id: duplicate of the event at index 0 in this request"}
+            {"index": 2, "id": "a", "error": "id: duplicate of the event at index 0 in this request (same customer and id)"}
         ]})
     );
     assert_eq!(sink.records.lock().expect("lock").len(), 1);
