@@ -47,6 +47,9 @@ pub struct Config {
     /// The quota service: Redis counters and the gateway check.
     #[serde(default)]
     pub quota: QuotaConfig,
+    /// The rater: invoice runs.
+    #[serde(default)]
+    pub rater: RaterConfig,
     /// Tenants and the hashes of their API keys.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -238,6 +241,15 @@ pub struct QuotaConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RaterConfig {
+    /// Topic a final run publishes each final invoice's lines to, for a billing system
+    /// (`TALLY_INVOICE_TOPIC`).
+    #[serde(default = "default_invoice_topic")]
+    pub invoice_topic: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct QuotaMeterConfig {
     /// A meter of the catalog.
     pub meter: String,
@@ -362,6 +374,9 @@ fn default_no_subscription() -> String {
 fn default_entitlement_topic() -> String {
     "entitlement-changes".into()
 }
+fn default_invoice_topic() -> String {
+    "invoice-lines".into()
+}
 fn default_feed_group() -> String {
     "tally-quota-feed".into()
 }
@@ -402,6 +417,22 @@ fn default_max_batch_events() -> usize {
     10_000
 }
 
+/// Kafka's rule for topic names: 1–249 characters of `a-z A-Z 0-9 . _ -`, not `.` or `..`.
+fn check_topic(name: &str) -> Result<(), String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > 249 || name == "." || name == ".." {
+        return Err(format!(
+            "{name:?} is not a topic name (1 to 249 characters, not \".\" or \"..\")"
+        ));
+    }
+    match name.chars().find(|c| !legal(*c)) {
+        Some(c) => Err(format!(
+            "{name:?}: {c:?} is not allowed in a topic name (letters, digits, '.', '_', '-')"
+        )),
+        None => Ok(()),
+    }
+}
+
 macro_rules! default_from_serde {
     ($($t:ty),*) => {$(
         impl Default for $t {
@@ -417,7 +448,8 @@ default_from_serde!(
     ClickHouseConfig,
     ValidationConfig,
     AggregatorConfig,
-    QuotaConfig
+    QuotaConfig,
+    RaterConfig
 );
 
 impl Default for Config {
@@ -492,6 +524,9 @@ impl Config {
         if let Some(v) = get("TALLY_REDIS_URL") {
             self.quota.redis_url = v;
         }
+        if let Some(v) = get("TALLY_INVOICE_TOPIC") {
+            self.rater.invoice_topic = v;
+        }
         if let Some(v) = get("TALLY_PLANS") {
             self.quota.plans_dir = v;
         }
@@ -514,6 +549,17 @@ impl Config {
             return Err(
                 "aggregator.dedupe_window_secs: must cover validation.allowed_lateness_secs".into(),
             );
+        }
+        for (field, topic) in [
+            ("kafka.topic", &self.kafka.topic),
+            (
+                "aggregator.dead_letter_topic",
+                &self.aggregator.dead_letter_topic,
+            ),
+            ("quota.entitlement_topic", &self.quota.entitlement_topic),
+            ("rater.invoice_topic", &self.rater.invoice_topic),
+        ] {
+            check_topic(topic).map_err(|e| format!("{field}: {e}"))?;
         }
         self.check_quota()?;
         if self.collector.max_body_bytes == 0 {
@@ -698,6 +744,27 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "x.toml: meter \"m\": value: required for this aggregation"
+        );
+
+        let e = Config::parse(
+            "[rater]\ninvoice_topic = \"lines/eu\"\n",
+            Path::new("x.toml"),
+        )
+        .expect_err("bad");
+        assert_eq!(
+            e.to_string(),
+            "x.toml: rater.invoice_topic: \"lines/eu\": '/' is not allowed in a topic name \
+             (letters, digits, '.', '_', '-')"
+        );
+        let e = Config::parse("[kafka]\ntopic = \"\"\n", Path::new("x.toml")).expect_err("bad");
+        assert!(e.to_string().starts_with("x.toml: kafka.topic: "), "{e}");
+        let ok = Config::parse(
+            "[rater]\ninvoice_topic = \"billing.lines_v2-eu\"\n",
+            Path::new("x"),
+        );
+        assert_eq!(
+            ok.expect("legal").rater.invoice_topic,
+            "billing.lines_v2-eu"
         );
 
         let bad_hash = "[[tenants]]\nid = \"a\"\napi_key_sha256 = [\"zz\"]\n";

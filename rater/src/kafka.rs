@@ -1,6 +1,9 @@
-//! Publishing entitlement changes to Kafka (`entitlement-changes`): a migration's chunks of
-//! customers, and single subscription changes (create, change, cancel). Both carry `tenant`
-//! and `customers`, which is all a cache needs to drop what it holds.
+//! Publishing to Kafka:
+//! - entitlement changes (`entitlement-changes`): a migration's chunks of customers, and
+//!   single subscription changes (create, change, cancel). Both carry `tenant` and
+//!   `customers`, which is all a cache needs to drop what it holds;
+//! - final invoice lines (`invoice-lines`), one message per line, for a billing system
+//!   ([`InvoiceLineMessage`]).
 //!
 //! "Published" means every message was acknowledged by all in-sync replicas (`acks=all`).
 //! Messages are sent together and awaited together, never one at a time. The producer is not
@@ -15,12 +18,65 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tally_core::config::KafkaConfig;
 
+use rust_decimal::Decimal;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use crate::currency::Currency;
 use crate::error::{Error, Result};
+use crate::invoice::{Invoice, Line};
 use crate::migration::Notification;
 use crate::subscription::Change;
+
+/// One line of a final invoice, as published: keyed by `invoice_id`, so an invoice's lines
+/// share a partition and arrive in order. Every message repeats the invoice's header, and
+/// `lines` says how many lines the invoice has, so a consumer knows when it holds them all.
+/// A line may be published more than once (a run killed after publishing and before
+/// recording it publishes again), always with the same bytes: deduplicate by `line_id`.
+#[derive(Debug, Serialize)]
+pub struct InvoiceLineMessage<'a> {
+    /// `<invoice_id>#<line_no>`.
+    pub line_id: String,
+    pub invoice_id: &'a str,
+    pub tenant: &'a str,
+    pub customer: &'a str,
+    #[serde(with = "time::serde::rfc3339")]
+    pub period_start: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub period_end: OffsetDateTime,
+    pub currency: Currency,
+    /// From 0, in the invoice's order.
+    pub line_no: usize,
+    pub lines: usize,
+    pub line: &'a Line,
+    pub subtotal: Decimal,
+    pub total: Decimal,
+}
+
+impl<'a> InvoiceLineMessage<'a> {
+    /// The messages of one invoice, in line order.
+    pub fn of(tenant: &'a str, invoice_id: &'a str, invoice: &'a Invoice) -> Vec<Self> {
+        invoice
+            .lines
+            .iter()
+            .enumerate()
+            .map(|(line_no, line)| InvoiceLineMessage {
+                line_id: format!("{invoice_id}#{line_no}"),
+                invoice_id,
+                tenant,
+                customer: &invoice.customer,
+                period_start: invoice.period_start,
+                period_end: invoice.period_end,
+                currency: invoice.currency,
+                line_no,
+                lines: invoice.lines.len(),
+                line,
+                subtotal: invoice.subtotal,
+                total: invoice.total,
+            })
+            .collect()
+    }
+}
 
 /// One recorded subscription change, as published.
 #[derive(Debug, Serialize)]
@@ -76,6 +132,8 @@ impl Notifier {
             // The Java client's partitioner, so every producer keyed by tenant/plan agrees.
             .set("partitioner", "murmur2_random")
             .set("reconnect.backoff.max.ms", "1000")
+            // A batch of final invoices is sent at once: 10,000 invoices of ~8 lines.
+            .set("queue.buffering.max.messages", "1000000")
             .create()
             .map_err(|e| Error::Kafka(format!("producer: {e}")))?;
         Ok(Notifier {
@@ -111,6 +169,24 @@ impl Notifier {
             })
             .collect::<std::result::Result<Vec<_>, serde_json::Error>>()
             .map_err(|e| Error::Kafka(format!("encoding a notification: {e}")))?;
+        self.send_all(&messages).await
+    }
+
+    /// Publishes every line of `invoices` (invoice id, invoice), keyed by invoice id.
+    /// Returns how many lines were published.
+    pub async fn publish_invoices(
+        &self,
+        tenant: &str,
+        invoices: &[(String, Invoice)],
+    ) -> Result<usize> {
+        let mut messages = Vec::new();
+        for (id, invoice) in invoices {
+            for m in InvoiceLineMessage::of(tenant, id, invoice) {
+                let payload = serde_json::to_vec(&m)
+                    .map_err(|e| Error::Kafka(format!("encoding line {}: {e}", m.line_id)))?;
+                messages.push((id.clone(), payload));
+            }
+        }
         self.send_all(&messages).await
     }
 

@@ -35,7 +35,6 @@ use tally_rater::subscription::{Change, ChangeKind, NewChange, Status};
 use tally_rater::usage::UsageReader;
 use tally_rater::{
     Catalog, Effective, Invoice, MigrationPreview, MigrationSpec, Notifier, RunOptions, RunResult,
-    ENTITLEMENT_TOPIC,
 };
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -425,7 +424,10 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
         config.catalog(),
         config.validation.max_dimension_chars,
     );
-    let run = InvoiceRun::new(&config.clickhouse, reader);
+    let mut run = InvoiceRun::new(&config.clickhouse, reader);
+    if final_run {
+        run = run.with_publisher(Notifier::new(&config.kafka, &config.rater.invoice_topic)?);
+    }
     let (batches, mut refused) = billables(&store, plans, tenant, at, batch_size).await?;
     let mut header = true;
     let mut print = |inv: &Invoice| {
@@ -442,7 +444,7 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
             println!("{json}");
         }
     };
-    let (mut written, mut already) = (0, 0);
+    let (mut written, mut already, mut published, mut lines) = (0, 0, 0, 0);
     for batch in batches {
         if final_run {
             let (closed, open): (Vec<Billable>, Vec<Billable>) = batch
@@ -458,6 +460,8 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
             let done = run.finalize(plans, tenant, &closed).await?;
             written += done.written;
             already += done.already_final;
+            published += done.published;
+            lines += done.published_lines;
             refused.extend(done.refused);
             for json in &done.invoices {
                 if csv {
@@ -477,7 +481,11 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
         eprintln!("tally-rater: customer {customer:?} not invoiced: {reason}");
     }
     if final_run {
-        eprintln!("tally-rater: final run: {written} invoices written, {already} already final");
+        eprintln!(
+            "tally-rater: final run: {written} invoices written, {already} already final; \
+             {published} invoices ({lines} lines) published to {}",
+            config.rater.invoice_topic
+        );
     }
     Ok(())
 }
@@ -550,7 +558,7 @@ async fn migrate_plan(
         out.groups(&preview);
         return Ok(());
     }
-    let notifier = Notifier::new(&config.kafka, ENTITLEMENT_TOPIC)?;
+    let notifier = Notifier::new(&config.kafka, &config.quota.entitlement_topic)?;
     let report = store
         .run_migration(plans, &spec, &notifier, RunOptions::default(), now)
         .await?;
@@ -565,14 +573,15 @@ async fn migrate_plan(
     };
     println!(
         "migration {:?}: {head}: {} subscriptions to {} v{}, {} changes written now, {} \
-         earlier, {} notifications to {ENTITLEMENT_TOPIC}, {seconds:.2} s",
+         earlier, {} notifications to {}, {seconds:.2} s",
         spec.id,
         report.preview.total,
         spec.plan,
         spec.to_version,
         report.written,
         report.already_written,
-        report.published
+        report.published,
+        config.quota.entitlement_topic
     );
     out.groups(&report.preview);
     Ok(())

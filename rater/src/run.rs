@@ -8,18 +8,27 @@
 //! writes nothing; what it returns for them is what is stored, byte for byte. Two final runs
 //! of the same tenant at once are not coordinated: run one per tenant.
 //!
+//! With a publisher ([`InvoiceRun::with_publisher`]), a final run then publishes the lines
+//! of every invoice of its batch that is stored and not yet published to the invoice-lines
+//! topic, and records that in `invoice_publications`: an invoice stored by a run that died
+//! before publishing is published by the next run, from its stored bytes. Publishing is at
+//! least once (no Kafka transactions): a run killed between publishing and recording
+//! publishes the same lines again, which consumers recognise by `line_id`.
+//!
 //! Usage that reaches a period after its invoice is final is billed on the next final
 //! invoice: the issued one is priced again with today's usage and the difference per charge
 //! becomes adjustment lines. Only the period just before is looked at, so usage that
 //! arrives after the next invoice is final too is not billed.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tally_core::config::ClickHouseConfig;
 use time::OffsetDateTime;
 
 use crate::invoice::{Invoice, Line, Segment};
+use crate::kafka::Notifier;
 use crate::period::{period_containing, Period};
 use crate::plan::{Catalog, ChargeKind};
 use crate::store::SubscriptionStore;
@@ -220,6 +229,17 @@ pub fn requests(catalog: &Catalog, batch: &[Billable]) -> (Vec<UsageRequest>, Ve
 pub struct InvoiceRun {
     client: clickhouse::Client,
     usage: UsageReader,
+    publisher: Option<Arc<Notifier>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+struct PublicationRow {
+    tenant: String,
+    invoice_id: String,
+    topic: String,
+    period_start: u32,
+    lines: u32,
+    published_at: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
@@ -262,6 +282,10 @@ pub struct Finalized {
     pub invoices: Vec<String>,
     pub written: usize,
     pub already_final: usize,
+    /// Invoices whose lines this run published (none without a publisher).
+    pub published: usize,
+    /// Lines published.
+    pub published_lines: usize,
     pub refused: Vec<(String, String)>,
 }
 
@@ -273,7 +297,17 @@ impl InvoiceRun {
             .with_password(&config.password)
             .with_database(&config.database)
             .with_validation(false);
-        InvoiceRun { client, usage }
+        InvoiceRun {
+            client,
+            usage,
+            publisher: None,
+        }
+    }
+
+    /// Final runs publish final invoices' lines through `publisher` (to its topic).
+    pub fn with_publisher(mut self, publisher: Notifier) -> InvoiceRun {
+        self.publisher = Some(Arc::new(publisher));
+        self
     }
 
     /// Prices a batch with usage read now (two queries at most). Stores nothing.
@@ -388,6 +422,10 @@ impl InvoiceRun {
             refused: priced.refused,
             ..Finalized::default()
         };
+        if let Some(publisher) = &self.publisher {
+            (out.published, out.published_lines) =
+                self.publish(publisher, tenant, &stored, &fresh).await?;
+        }
         for id in &ids {
             if let Some(json) = stored.get(id).or_else(|| fresh.get(id)) {
                 out.invoices.push(json.clone());
@@ -455,6 +493,71 @@ impl InvoiceRun {
             }
         }
         Ok(out)
+    }
+
+    /// Publishes the invoices of a batch not published yet: all of `fresh` (stored just now),
+    /// and those of `stored` with no publication row. Returns (invoices, lines) published.
+    async fn publish(
+        &self,
+        publisher: &Notifier,
+        tenant: &str,
+        stored: &HashMap<String, String>,
+        fresh: &HashMap<String, String>,
+    ) -> Result<(usize, usize), RunError> {
+        let topic = publisher.topic();
+        let done: HashSet<String> = if stored.is_empty() {
+            HashSet::new()
+        } else {
+            let ids: Vec<&String> = stored.keys().collect();
+            self.client
+                .query_raw(&format!(
+                    "SELECT DISTINCT invoice_id FROM invoice_publications \
+                     WHERE tenant = {} AND topic = {} AND invoice_id IN ({})",
+                    string_list([tenant]),
+                    string_list([topic]),
+                    string_list(ids)
+                ))
+                .fetch_all::<String>()
+                .await?
+                .into_iter()
+                .collect()
+        };
+        let mut pending: Vec<(String, Invoice)> = Vec::new();
+        for (id, json) in stored.iter().chain(fresh) {
+            if done.contains(id) {
+                continue;
+            }
+            let invoice: Invoice = serde_json::from_str(json).map_err(|e| RunError::Stored {
+                invoice_id: id.clone(),
+                reason: e.to_string(),
+            })?;
+            pending.push((id.clone(), invoice));
+        }
+        if pending.is_empty() {
+            return Ok((0, 0));
+        }
+        // In id order: the same batch publishes in the same order every time.
+        pending.sort_by(|a, b| a.0.cmp(&b.0));
+        let lines = publisher.publish_invoices(tenant, &pending).await?;
+        let now = OffsetDateTime::now_utc().unix_timestamp() as u32;
+        let mut insert = self
+            .client
+            .insert::<PublicationRow>("invoice_publications")
+            .await?;
+        for (id, invoice) in &pending {
+            insert
+                .write(&PublicationRow {
+                    tenant: tenant.to_owned(),
+                    invoice_id: id.clone(),
+                    topic: topic.to_owned(),
+                    period_start: invoice.period_start.unix_timestamp() as u32,
+                    lines: invoice.lines.len() as u32,
+                    published_at: now,
+                })
+                .await?;
+        }
+        insert.end().await?;
+        Ok((pending.len(), lines))
     }
 
     /// The stored invoices among `ids`, as JSON; one query.

@@ -1,6 +1,7 @@
 //! Invoice runs against the real local ClickHouse: previews priced from the aggregator's
-//! tables equal invoices priced from the events themselves, and a final run stores each
-//! invoice once and returns the same bytes when run again.
+//! tables equal invoices priced from the events themselves, a final run stores each
+//! invoice once and returns the same bytes when run again, and final invoices reach the
+//! invoice-lines topic once each, also when the broker was down for the run that stored them.
 
 mod common;
 
@@ -251,5 +252,129 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
         .expect("november again");
     assert_eq!(nov_again.invoices, nov.invoices);
 
+    drop_database(&db).await;
+}
+
+#[tokio::test]
+async fn final_invoices_reach_the_topic_once_each() {
+    let db = fresh_database("publish").await;
+    write(&db, &events()).await;
+    let config = config();
+    let reader = UsageReader::new(&db, config.catalog(), config.validation.max_dimension_chars);
+    let plans = plans();
+    let topic = unique("test-invoice-lines");
+    let period = period_containing(
+        datetime!(2026-01-01 0:00 UTC),
+        Interval::Monthly,
+        datetime!(2026-10-15 0:00 UTC),
+    )
+    .expect("period");
+    let billable = |customer: &str, plan: &str, version: u32| Billable {
+        customer: customer.into(),
+        period,
+        segments: vec![segment(period.start(), period.end(), plan, version)],
+    };
+    let batch = vec![billable("alpha", "starter", 1), billable("beta", "pro", 2)];
+
+    // The broker is down: the run stores the invoices, then fails to publish them.
+    let mut dead = kafka();
+    dead.brokers = "127.0.0.1:1".into(); // nothing listens on port 1
+    dead.message_timeout_ms = 1000;
+    let down = InvoiceRun::new(&db, reader.clone())
+        .with_publisher(tally_rater::Notifier::new(&dead, &topic).expect("producer"));
+    let e = down
+        .finalize(&plans, "demo", &batch)
+        .await
+        .expect_err("publishing fails");
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(count(&db, "SELECT count() FROM invoices").await, 2);
+    assert_eq!(
+        count(&db, "SELECT count() FROM invoice_publications").await,
+        0
+    );
+
+    // The next run finds them final and not published: it publishes them as stored.
+    let publishing = InvoiceRun::new(&db, reader.clone())
+        .with_publisher(tally_rater::Notifier::new(&kafka(), &topic).expect("producer"));
+    let second = publishing
+        .finalize(&plans, "demo", &batch)
+        .await
+        .expect("final again");
+    let invoices: BTreeMap<String, Invoice> = second
+        .invoices
+        .iter()
+        .map(|j| serde_json::from_str::<Invoice>(j).expect("invoice"))
+        .map(|i| {
+            (
+                format!("demo/{}/{}", i.customer, i.period_start.unix_timestamp()),
+                i,
+            )
+        })
+        .collect();
+    let lines: usize = invoices.values().map(|i| i.lines.len()).sum();
+    assert_eq!(
+        (
+            second.written,
+            second.already_final,
+            second.published,
+            second.published_lines
+        ),
+        (0, 2, 2, lines)
+    );
+    let messages = read_topic(&topic, lines);
+    let mut by_invoice: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for (key, m) in messages {
+        assert_eq!(m["invoice_id"], key.as_str(), "keyed by invoice id: {m}");
+        by_invoice.entry(key).or_default().push(m);
+    }
+    assert_eq!(
+        by_invoice.keys().collect::<Vec<_>>(),
+        invoices.keys().collect::<Vec<_>>()
+    );
+    for (id, got) in &by_invoice {
+        let inv = &invoices[id];
+        assert_eq!(got.len(), inv.lines.len(), "every line of {id}");
+        for (n, m) in got.iter().enumerate() {
+            // One partition per invoice: its lines arrive in order.
+            assert_eq!(m["line_no"], n, "{m}");
+            assert_eq!(m["line_id"], format!("{id}#{n}").as_str());
+            assert_eq!(m["lines"], inv.lines.len());
+            assert_eq!(m["tenant"], "demo");
+            assert_eq!(m["customer"], inv.customer.as_str());
+            assert_eq!(m["currency"], inv.currency.to_string().as_str());
+            assert_eq!(m["subtotal"], inv.subtotal.to_string().as_str());
+            assert_eq!(m["total"], inv.total.to_string().as_str());
+            assert_eq!(
+                m["line"],
+                serde_json::to_value(&inv.lines[n]).expect("line"),
+                "line {n} of {id} as stored"
+            );
+        }
+    }
+    assert_eq!(
+        count(&db, "SELECT count() FROM invoice_publications").await,
+        2
+    );
+
+    // Published invoices are not published again; a new one is, alone.
+    let third = publishing
+        .finalize(&plans, "demo", &batch)
+        .await
+        .expect("third");
+    assert_eq!((third.already_final, third.published), (2, 0));
+    assert_eq!(third.invoices, second.invoices, "byte-identical");
+    assert_eq!(topic_size(&topic), lines as i64, "nothing sent twice");
+    let mut more = batch.clone();
+    more.push(billable("it's", "pro", 1));
+    let fourth = publishing
+        .finalize(&plans, "demo", &more)
+        .await
+        .expect("fourth");
+    assert_eq!((fourth.written, fourth.published), (1, 1));
+    assert_eq!(
+        topic_size(&topic),
+        (lines + fourth.published_lines) as i64,
+        "only the new invoice's lines"
+    );
     drop_database(&db).await;
 }

@@ -7,32 +7,16 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{catalog, repo, unique, Db};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use common::{catalog, kafka, read_topic, repo, unique, Db};
 use serde_json::Value;
-use tally_core::config::KafkaConfig;
 use tally_rater::migration::Effective;
 use tally_rater::store::{MigrationState, RunOptions, RunResult, SubscriptionStore};
 use tally_rater::subscription::{NewChange, Timeline};
 use tally_rater::{Error, MigrationSpec, Notifier};
 use time::macros::datetime;
 use time::OffsetDateTime;
-
-fn kafka() -> KafkaConfig {
-    let path = repo("config/tally.dev.toml");
-    let text = std::fs::read_to_string(&path).expect("dev config");
-    let mut k = tally_core::Config::parse(&text, &path)
-        .expect("dev config parses")
-        .kafka;
-    if let Ok(brokers) = std::env::var("TALLY_KAFKA_BROKERS") {
-        k.brokers = brokers;
-    }
-    k.partitions = 2;
-    k
-}
 
 impl Db {
     /// Rows per customer (all kinds), and the migration's rows per customer.
@@ -82,39 +66,6 @@ async fn timeline(store: &SubscriptionStore, customer: &str) -> Timeline {
 
 fn notifier(topic: &str) -> Notifier {
     Notifier::new(&kafka(), topic).expect("producer")
-}
-
-/// Every message of `topic` (all partitions, from the start) until `want` have arrived.
-fn read_topic(topic: &str, want: usize) -> Vec<(String, Value)> {
-    let k = kafka();
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &k.brokers)
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..k.partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&tpl).expect("assign");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut out = Vec::new();
-    while out.len() < want {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {want} messages of {topic} in 30 s",
-            out.len()
-        );
-        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-            let m = m.expect("message");
-            let key = String::from_utf8(m.key().expect("key").to_vec()).expect("utf-8 key");
-            let value = serde_json::from_slice(m.payload().expect("payload")).expect("json");
-            out.push((key, value));
-        }
-    }
-    out
 }
 
 #[tokio::test]

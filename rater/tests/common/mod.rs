@@ -1,9 +1,15 @@
 //! Test support: a private database with the migrations applied, events written through
-//! the aggregator's own batch and store code, and usage computed from the events alone.
+//! the aggregator's own batch and store code, usage computed from the events alone, and
+//! topics read back from the broker.
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
+use tally_core::config::KafkaConfig;
 
 use rust_decimal::Decimal;
 use serde_json::json;
@@ -292,4 +298,68 @@ impl Drop for Db {
             eprintln!("could not drop {}", self.config.database);
         }
     }
+}
+
+/// The dev config's broker settings (`TALLY_KAFKA_BROKERS` overrides), two partitions.
+pub fn kafka() -> KafkaConfig {
+    let path = repo("config/tally.dev.toml");
+    let text = std::fs::read_to_string(&path).expect("dev config");
+    let mut k = tally_core::Config::parse(&text, &path)
+        .expect("dev config parses")
+        .kafka;
+    if let Ok(brokers) = std::env::var("TALLY_KAFKA_BROKERS") {
+        k.brokers = brokers;
+    }
+    k.partitions = 2;
+    k
+}
+
+/// Every message of `topic` (all partitions, from the start) until `want` have arrived.
+pub fn read_topic(topic: &str, want: usize) -> Vec<(String, Value)> {
+    let k = kafka();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &k.brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..k.partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = Vec::new();
+    while out.len() < want {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {want} messages of {topic} in 30 s",
+            out.len()
+        );
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.expect("message");
+            let key = String::from_utf8(m.key().expect("key").to_vec()).expect("utf-8 key");
+            let value = serde_json::from_slice(m.payload().expect("payload")).expect("json");
+            out.push((key, value));
+        }
+    }
+    out
+}
+
+/// How many messages `topic` holds: the sum of its partitions' high watermarks.
+pub fn topic_size(topic: &str) -> i64 {
+    let k = kafka();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &k.brokers)
+        .create()
+        .expect("consumer");
+    (0..k.partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
+        .sum()
 }
