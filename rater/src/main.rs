@@ -445,8 +445,8 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
         }
     };
     let (mut written, mut already, mut published, mut lines) = (0, 0, 0, 0);
-    for batch in batches {
-        if final_run {
+    if final_run {
+        for batch in batches {
             let (closed, open): (Vec<Billable>, Vec<Billable>) = batch
                 .into_iter()
                 .partition(|b| b.period.end() + grace <= now);
@@ -471,11 +471,13 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
                     println!("{json}");
                 }
             }
-        } else {
-            let priced = run.preview(plans, tenant, &batch).await?;
+        }
+    } else {
+        run.previews(plans, tenant, &batches, |priced| {
             refused.extend(priced.refused);
             priced.invoices.iter().for_each(&mut print);
-        }
+        })
+        .await?;
     }
     for (customer, reason) in &refused {
         eprintln!("tally-rater: customer {customer:?} not invoiced: {reason}");

@@ -47,6 +47,8 @@ pub enum RunError {
     Stored { invoice_id: String, reason: String },
     #[error(transparent)]
     Rater(#[from] crate::Error),
+    #[error("usage read task failed: {0}")]
+    Task(String),
 }
 
 impl RunError {
@@ -59,6 +61,7 @@ impl RunError {
             ),
             RunError::Stored { .. } => false,
             RunError::Rater(e) => e.is_retryable(),
+            RunError::Task(_) => false,
         }
     }
 }
@@ -82,10 +85,12 @@ pub struct Priced {
 }
 
 /// The customers of `tenant` to invoice for the periods that contain `at`, in batches of at
-/// most `batch_size`: each customer's own period (its billing anchor, the interval of the
-/// plan version in force at `at`) and the plan segments inside it, from one segments query
-/// per batch. A customer whose subscription was cancelled during that period is included
-/// up to the cancel. Customers that cannot be placed are returned with the reason.
+/// most `batch_size`, in customer order (each batch a contiguous range of the tenant's
+/// subscribed customers): each customer's own period (its billing anchor, the interval of
+/// the plan version in force at `at`) and the plan segments inside it, all from one streamed
+/// read of the tenant's change log. A customer whose subscription was cancelled during that
+/// period is included up to the cancel. Customers that cannot be placed are returned with
+/// the reason.
 pub async fn billables(
     store: &SubscriptionStore,
     catalog: &Catalog,
@@ -93,50 +98,53 @@ pub async fn billables(
     at: OffsetDateTime,
     batch_size: usize,
 ) -> Result<(Vec<Vec<Billable>>, Vec<(String, String)>), RunError> {
-    let mut periods = Vec::new();
+    let batch_size = batch_size.max(1);
+    let mut batches: Vec<Vec<Billable>> = Vec::new();
+    let mut current = Vec::with_capacity(batch_size);
     let mut refused = Vec::new();
-    for status in store.list(tenant, at).await? {
-        if status.state == State::Scheduled {
-            continue;
-        }
-        let Some(plan) = catalog.version(&status.plan, status.version) else {
-            refused.push((
-                status.customer,
-                format!("plan {:?} has no version {}", status.plan, status.version),
-            ));
-            continue;
-        };
-        match period_containing(status.billing_anchor, plan.interval(), at) {
-            Ok(p) if status.state == State::Active || status.since > p.start() => {
-                periods.push((status.customer, p))
+    store
+        .timelines(tenant, |timeline| {
+            let Some(status) = timeline.status(at) else {
+                return;
+            };
+            if status.state == State::Scheduled {
+                return;
             }
-            Ok(_) => {}
-            Err(e) => refused.push((status.customer, e.to_string())),
-        }
-    }
-    let mut batches = Vec::new();
-    for chunk in periods.chunks(batch_size.max(1)) {
-        let customers: Vec<String> = chunk.iter().map(|(c, _)| c.clone()).collect();
-        let from = chunk.iter().map(|(_, p)| p.start()).min();
-        let to = chunk.iter().map(|(_, p)| p.end()).max();
-        let (Some(from), Some(to)) = (from, to) else {
-            continue;
-        };
-        let mut segments = store.segments(tenant, &customers, from, to).await?;
-        let batch = chunk
-            .iter()
-            .map(|(customer, period)| Billable {
-                customer: customer.clone(),
-                period: *period,
-                segments: segments
-                    .remove(customer)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|s| clip(s, period))
-                    .collect(),
-            })
-            .collect();
-        batches.push(batch);
+            let Some(plan) = catalog.version(&status.plan, status.version) else {
+                refused.push((
+                    status.customer,
+                    format!("plan {:?} has no version {}", status.plan, status.version),
+                ));
+                return;
+            };
+            let period = match period_containing(status.billing_anchor, plan.interval(), at) {
+                Ok(p) if status.state == State::Active || status.since > p.start() => p,
+                Ok(_) => return,
+                Err(e) => {
+                    refused.push((status.customer, e.to_string()));
+                    return;
+                }
+            };
+            let segments = timeline
+                .segments(period.start(), period.end())
+                .into_iter()
+                .filter_map(|s| clip(s, &period))
+                .collect();
+            current.push(Billable {
+                customer: status.customer,
+                period,
+                segments,
+            });
+            if current.len() == batch_size {
+                batches.push(std::mem::replace(
+                    &mut current,
+                    Vec::with_capacity(batch_size),
+                ));
+            }
+        })
+        .await?;
+    if !current.is_empty() {
+        batches.push(current);
     }
     Ok((batches, refused))
 }
@@ -321,6 +329,35 @@ impl InvoiceRun {
         let meters: Vec<&str> = meters.iter().map(String::as_str).collect();
         let usage = self.usage.read(tenant, &meters, &requests).await?;
         Ok(price(catalog, batch, &usage))
+    }
+
+    /// Previews every batch in order, handing each batch's outcome to `each`: the next
+    /// batch's usage is read (by ClickHouse, on another task) while this one is priced.
+    pub async fn previews(
+        &self,
+        catalog: &Catalog,
+        tenant: &str,
+        batches: &[Vec<Billable>],
+        mut each: impl FnMut(Priced),
+    ) -> Result<(), RunError> {
+        let read = |batch: &[Billable]| {
+            let (requests, meters) = requests(catalog, batch);
+            let (usage, tenant) = (self.usage.clone(), tenant.to_owned());
+            tokio::spawn(async move {
+                let meters: Vec<&str> = meters.iter().map(String::as_str).collect();
+                usage.read(&tenant, &meters, &requests).await
+            })
+        };
+        let mut next = batches.first().map(|b| read(b));
+        for (i, batch) in batches.iter().enumerate() {
+            let Some(pending) = next.take() else {
+                break;
+            };
+            let usage = pending.await.map_err(|e| RunError::Task(e.to_string()))??;
+            next = batches.get(i + 1).map(|b| read(b));
+            each(price(catalog, batch, &usage));
+        }
+        Ok(())
     }
 
     /// Finalizes a batch of closed periods: invoices already stored are returned as stored;

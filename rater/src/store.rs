@@ -243,6 +243,19 @@ impl SubscriptionStore {
         Ok(out)
     }
 
+    /// Every customer's timeline of `tenant`, in customer order, handed to `each`: one
+    /// streamed query over the tenant's change log.
+    pub async fn timelines(&self, tenant: &str, each: impl FnMut(Timeline)) -> Result<()> {
+        self.fold(
+            "SELECT ?fields FROM subscription_changes WHERE tenant = ? ORDER BY customer",
+            tenant,
+            None,
+            None,
+            each,
+        )
+        .await
+    }
+
     /// The plan segments of `[from, to)` for each of `customers`, in one query: every
     /// customer asked for is a key, with no segments if nothing was in force.
     pub async fn segments(
