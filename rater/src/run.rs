@@ -545,18 +545,19 @@ impl InvoiceRun {
         let done: HashSet<String> = if stored.is_empty() {
             HashSet::new()
         } else {
-            let ids: Vec<&String> = stored.keys().collect();
+            let ids: Vec<String> = stored.keys().cloned().collect();
             self.client
                 .query_raw(&format!(
                     "SELECT DISTINCT invoice_id FROM invoice_publications \
-                     WHERE tenant = {} AND topic = {} AND invoice_id IN ({})",
+                     WHERE tenant = {} AND topic = {} AND {}",
                     string_list([tenant]),
                     string_list([topic]),
-                    string_list(ids)
+                    id_filter(&ids)
                 ))
                 .fetch_all::<String>()
                 .await?
                 .into_iter()
+                .filter(|id| stored.contains_key(id))
                 .collect()
         };
         let mut pending: Vec<(String, Invoice)> = Vec::new();
@@ -597,7 +598,7 @@ impl InvoiceRun {
         Ok((pending.len(), lines))
     }
 
-    /// The stored invoices among `ids`, as JSON; one query.
+    /// The stored invoices among `ids`, as JSON; one query (see [`id_filter`]).
     async fn stored(
         &self,
         tenant: &str,
@@ -606,14 +607,14 @@ impl InvoiceRun {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
+        let filter = id_filter(ids);
         let rows: Vec<(String, String)> = self
             .client
             // Literals, not `?` binds: query() would take a `?` inside an id for one.
             .query_raw(&format!(
                 "SELECT invoice_id, any(invoice) FROM invoices \
-                 WHERE tenant = {} AND invoice_id IN ({}) GROUP BY invoice_id",
+                 WHERE tenant = {} AND {filter} GROUP BY invoice_id",
                 string_list([tenant]),
-                string_list(ids)
             ))
             .fetch_all()
             .await?;
@@ -622,5 +623,55 @@ impl InvoiceRun {
             .into_iter()
             .filter(|(id, _)| wanted.contains(id))
             .collect())
+    }
+}
+
+/// A condition on `invoice_id` (and `period_start`) matching at least `ids` (of the form
+/// `tenant/customer/<period start>`); the caller drops rows outside them. A long list is
+/// asked for by its range of ids and its period starts rather than id by id: ClickHouse
+/// 18.16 spends about 20 µs per literal parsing a list, most of a large run. Batches are
+/// contiguous ranges of customers, so the range holds little else.
+fn id_filter(ids: &[String]) -> String {
+    const LISTED: usize = 1_000;
+    let starts: Option<BTreeSet<u32>> = ids
+        .iter()
+        .map(|id| id.rsplit_once('/')?.1.parse::<u32>().ok())
+        .collect();
+    match (starts, ids.iter().min(), ids.iter().max()) {
+        (Some(starts), Some(lo), Some(hi)) if ids.len() > LISTED => {
+            let starts: Vec<String> = starts.iter().map(u32::to_string).collect();
+            format!(
+                "invoice_id >= {} AND invoice_id <= {} AND toUInt32(period_start) IN ({})",
+                string_list([lo]),
+                string_list([hi]),
+                starts.join(", ")
+            )
+        }
+        _ => format!("invoice_id IN ({})", string_list(ids)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_id_lists_become_a_range_and_its_period_starts() {
+        let short = vec!["t/a/100".to_owned(), "t/it's/200".to_owned()];
+        assert_eq!(id_filter(&short), r"invoice_id IN ('t/a/100', 't/it\'s/200')");
+
+        let long: Vec<String> = (0..1_500)
+            .map(|i| format!("t/c{i:05}/{}", 1_000 + i % 2))
+            .collect();
+        assert_eq!(
+            id_filter(&long),
+            "invoice_id >= 't/c00000/1000' AND invoice_id <= 't/c01499/1001' \
+             AND toUInt32(period_start) IN (1000, 1001)"
+        );
+
+        // A start that is not a u32 cannot be matched by period: listed one by one.
+        let mut odd = long.clone();
+        odd.push("t/x/-5".to_owned());
+        assert!(id_filter(&odd).starts_with("invoice_id IN ("));
     }
 }

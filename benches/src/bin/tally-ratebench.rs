@@ -11,6 +11,10 @@
 //!
 //! Both must produce the same invoices (checked: count and the sum of totals). Target:
 //! 1,000,000 customer-month invoices in under 10 s.
+//!
+//! Then the final run over the same batches (`InvoiceRun::finalize`, no publisher): every
+//! invoice stored, header and lines, with the same totals; and once more, which must find
+//! them all stored and write nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -269,6 +273,55 @@ async fn main() -> anyhow::Result<()> {
             reads[round - 1].as_secs_f64()
         );
     }
+    // The final run: the same invoices stored (headers and lines), then the run again, which
+    // must find every invoice stored and write nothing.
+    let (read, _) = billables(&store, &plans, TENANT, at, o.batch).await?;
+    let mut finals = Vec::new();
+    for pass in 0..2 {
+        let t = Instant::now();
+        let (mut written, mut already, mut stored_sum) = (0, 0, (Decimal::ZERO, Decimal::ZERO));
+        for batch in &read {
+            let done = run.finalize(&plans, TENANT, batch).await?;
+            written += done.written;
+            already += done.already_final;
+            let invoices = done
+                .invoices
+                .iter()
+                .map(|j| serde_json::from_str::<tally_rater::Invoice>(j))
+                .collect::<Result<Vec<_>, _>>()?;
+            stored_sum = totals(stored_sum, &invoices);
+        }
+        let took = t.elapsed();
+        let want = if pass == 0 { (whole_n, 0) } else { (0, whole_n) };
+        ensure!(
+            (written, already) == want,
+            "final pass {}: {written} written, {already} already final; expected {want:?}",
+            pass + 1
+        );
+        ensure!(
+            stored_sum == whole_sum,
+            "final pass {}: stored totals {stored_sum:?} differ from the preview's {whole_sum:?}",
+            pass + 1
+        );
+        println!(
+            "final run {}: {:.2} s ({written} invoices written, {already} already final)",
+            pass + 1,
+            took.as_secs_f64()
+        );
+        finals.push(took);
+    }
+    let lines: u64 = tally_aggregator::migrate::client(&db)
+        .query("SELECT count() FROM invoice_lines")
+        .fetch_one()
+        .await?;
+    println!(
+        "  final run          {:.2} s ({:.2} s per million) to {} stored invoices and {lines} lines; \
+         run again (nothing to write) {:.2} s",
+        finals[0].as_secs_f64(),
+        finals[0].as_secs_f64() * 1_000_000.0 / o.customers as f64,
+        whole_n,
+        finals[1].as_secs_f64()
+    );
     if (pure_n, pure_sum) != (whole_n, whole_sum) {
         bail!(
             "the runs disagree: pure {pure_n} invoices {pure_sum:?}, whole {whole_n} {whole_sum:?}"
