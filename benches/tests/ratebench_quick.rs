@@ -1,7 +1,7 @@
 //! `tally-ratebench --quick` end to end on the stack's ClickHouse: 20,000 subscriptions and
-//! their rollups, invoiced by the pure pricing loop and by the whole run from ClickHouse.
-//! The bench itself fails when the two disagree (count, subtotals, totals); this checks it
-//! completes and reports both. Speed is the bench's business, never a test's.
+//! their rollups, invoiced by the pure pricing loop, by the whole run from ClickHouse and by
+//! a final run that stores them (twice: the second writes nothing). The bench itself fails
+//! when they disagree (count, subtotals, totals); this checks it completes and reports all. Speed is the bench's business, never a test's.
 
 mod common;
 
@@ -22,4 +22,11 @@ fn quick_run_invoices_every_customer_the_same_both_ways() {
     );
     assert!(run.output.contains("pure pricing loop"), "{}", run.output);
     assert!(run.output.contains("whole run"), "{}", run.output);
+    for line in [
+        "final run 1: ",
+        "(20000 invoices written, 0 already final)",
+        "(0 invoices written, 20000 already final)",
+    ] {
+        assert!(run.output.contains(line), "no {line:?} in:\n{}", run.output);
+    }
 }
