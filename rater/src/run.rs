@@ -658,7 +658,10 @@ mod tests {
     #[test]
     fn long_id_lists_become_a_range_and_its_period_starts() {
         let short = vec!["t/a/100".to_owned(), "t/it's/200".to_owned()];
-        assert_eq!(id_filter(&short), r"invoice_id IN ('t/a/100', 't/it\'s/200')");
+        assert_eq!(
+            id_filter(&short),
+            r"invoice_id IN ('t/a/100', 't/it\'s/200')"
+        );
 
         let long: Vec<String> = (0..1_500)
             .map(|i| format!("t/c{i:05}/{}", 1_000 + i % 2))

@@ -292,7 +292,11 @@ async fn main() -> anyhow::Result<()> {
             stored_sum = totals(stored_sum, &invoices);
         }
         let took = t.elapsed();
-        let want = if pass == 0 { (whole_n, 0) } else { (0, whole_n) };
+        let want = if pass == 0 {
+            (whole_n, 0)
+        } else {
+            (0, whole_n)
+        };
         ensure!(
             (written, already) == want,
             "final pass {}: {written} written, {already} already final; expected {want:?}",
