@@ -584,11 +584,25 @@ impl Config {
         let mut seen = HashSet::new();
         for (i, m) in q.meters.iter().enumerate() {
             let at = |field: &str| format!("quota.meters[{i}].{field}");
-            if catalog.meter(&m.meter).is_none() {
+            let Some(meter) = catalog.meter(&m.meter) else {
                 return Err(format!(
                     "{}: no meter {:?} in the catalog",
                     at("meter"),
                     m.meter
+                ));
+            };
+            // The counters add: a reading (LATEST, MIN, MAX) or a distinct count added up
+            // per event would be neither the meter's value nor a usage.
+            let additive = matches!(
+                meter.aggregation,
+                crate::Aggregation::Count | crate::Aggregation::Sum
+            );
+            if m.counted_from == "events" && !additive {
+                return Err(format!(
+                    "{}: meter {:?} is {}; only COUNT and SUM meters can be counted from events",
+                    at("counted_from"),
+                    m.meter,
+                    meter.aggregation.name()
                 ));
             }
             if !seen.insert(m.meter.as_str()) {
@@ -765,6 +779,21 @@ mod tests {
         assert_eq!(
             ok.expect("legal").rater.invoice_topic,
             "billing.lines_v2-eu"
+        );
+
+        let gauge =
+            "[[meters]]\nkey = \"gb\"\nevent_type = \"storage\"\naggregation = \"LATEST\"\n\
+                     value = \"gb\"\n[quota]\n[[quota.meters]]\nmeter = \"gb\"\n";
+        Config::parse(gauge, Path::new("x.toml")).expect("a gauge counted from checks");
+        let e = Config::parse(
+            &format!("{gauge}counted_from = \"events\"\n"),
+            Path::new("x.toml"),
+        )
+        .expect_err("a gauge counted from events");
+        assert_eq!(
+            e.to_string(),
+            "x.toml: quota.meters[0].counted_from: meter \"gb\" is LATEST; only COUNT and SUM \
+             meters can be counted from events"
         );
 
         let bad_hash = "[[tenants]]\nid = \"a\"\napi_key_sha256 = [\"zz\"]\n";
