@@ -124,6 +124,8 @@ struct BatchRow<'a> {
     customer: &'a str,
     /// Index of the customer's bounds among the batch's distinct bounds.
     bounds: u32,
+    /// The bounds themselves (unix seconds), joined when the groups are many.
+    b: Vec<u32>,
 }
 
 /// Sessions of this process, for unique session ids.
@@ -242,7 +244,8 @@ impl UsageReader {
         let client = self.client.clone().with_setting("session_id", session);
         client
             .query_raw(&format!(
-                "CREATE TEMPORARY TABLE {BATCH_TABLE} (customer String, bounds UInt32)"
+                "CREATE TEMPORARY TABLE {BATCH_TABLE} \
+                 (customer String, bounds UInt32, b Array(UInt32))"
             ))
             .execute()
             .await?;
@@ -253,6 +256,7 @@ impl UsageReader {
                     .write(&BatchRow {
                         customer: &r.customer,
                         bounds,
+                        b: q.groups[bounds as usize].clone(),
                     })
                     .await?;
             }
@@ -310,8 +314,14 @@ const BATCH_TABLE: &str = "usage_batch";
 #[derive(Debug)]
 struct RollupQuery {
     sql: String,
+    groups: Vec<Vec<u32>>,
     group_of: Vec<u32>,
 }
+
+/// Most bounds groups read as branches of their own; past this, one branch joins each
+/// customer's bounds from the session table (a join costs about half as much again as a
+/// constant, but a statement of thousands of branches costs far more).
+const MAX_BRANCHES: usize = 16;
 
 /// The rollups query for whole-hour segments: per customer, segment (1-based) and meter,
 /// the merged value of the meter's aggregation (the other columns hold empty merges).
@@ -374,31 +384,53 @@ fn rollup_sql(
     );
     // `seg` counts the bounds at or before the hour: 0 before the first, the bound count
     // past the last; both are outside every segment.
-    let branches: Vec<String> = groups
-        .iter()
-        .enumerate()
-        .map(|(g, bounds)| {
-            let (lo, hi) = (bounds[0], bounds[bounds.len() - 1]);
-            let list: Vec<String> = bounds.iter().map(|b| format!("toUInt32({b})")).collect();
-            format!(
-                "SELECT customer, seg, {meter_index} AS meter_index, {value} AS value \
-                 FROM (SELECT customer, meter, events, value_sum, value_min, value_max, \
-                         value_latest, value_unique, \
-                         toUInt32(arrayCount(x -> x <= toUInt32(hour), [{list}])) AS raw_seg, \
-                         if(raw_seg < {n}, raw_seg, toUInt32(0)) AS seg \
-                       FROM rollups_hourly \
-                       PREWHERE customer IN (SELECT customer FROM {BATCH_TABLE} WHERE bounds = {g}) \
-                       WHERE tenant = {t} AND meter IN ({meter_keys}) \
-                         AND hour >= toDateTime({lo}, 'UTC') AND hour < toDateTime({hi}, 'UTC')) \
-                 WHERE seg > 0 \
-                 GROUP BY customer, seg, meter",
-                list = list.join(", "),
-                n = bounds.len(),
-            )
-        })
-        .collect();
+    let select = |bounds: &str, n: &str, join: &str, filter: &str, lo: u32, hi: u32| {
+        format!(
+            "SELECT customer, seg, {meter_index} AS meter_index, {value} AS value \
+             FROM (SELECT customer, meter, events, value_sum, value_min, value_max, \
+                     value_latest, value_unique, \
+                     toUInt32(arrayCount(x -> x <= toUInt32(hour), {bounds})) AS raw_seg, \
+                     if(raw_seg < {n}, raw_seg, toUInt32(0)) AS seg \
+                   FROM rollups_hourly {join} \
+                   PREWHERE customer IN (SELECT customer FROM {BATCH_TABLE}{filter}) \
+                   WHERE tenant = {t} AND meter IN ({meter_keys}) \
+                     AND hour >= toDateTime({lo}, 'UTC') AND hour < toDateTime({hi}, 'UTC')) \
+             WHERE seg > 0 \
+             GROUP BY customer, seg, meter"
+        )
+    };
+    let sql = if groups.len() <= MAX_BRANCHES {
+        let branches: Vec<String> = groups
+            .iter()
+            .enumerate()
+            .map(|(g, bounds)| {
+                let list: Vec<String> = bounds.iter().map(|b| format!("toUInt32({b})")).collect();
+                select(
+                    &format!("[{}]", list.join(", ")),
+                    &bounds.len().to_string(),
+                    "",
+                    &format!(" WHERE bounds = {g}"),
+                    bounds[0],
+                    bounds[bounds.len() - 1],
+                )
+            })
+            .collect();
+        branches.join(" UNION ALL ")
+    } else {
+        let lo = groups.iter().map(|b| b[0]).min().unwrap_or(0);
+        let hi = groups.iter().map(|b| b[b.len() - 1]).max().unwrap_or(0);
+        select(
+            "b",
+            "length(b)",
+            &format!("ANY INNER JOIN (SELECT customer, b FROM {BATCH_TABLE}) USING customer"),
+            "",
+            lo,
+            hi,
+        )
+    };
     Ok(Some(RollupQuery {
-        sql: branches.join(" UNION ALL "),
+        sql,
+        groups,
         group_of,
     }))
 }

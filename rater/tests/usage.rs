@@ -61,6 +61,22 @@ async fn usage_per_segment_equals_the_events() {
         got[&("beta".to_owned(), 0)]["storage_gb"],
         Decimal::from(200)
     );
+    // Many distinct bounds in one batch (customers without usage, each with a bounds set of
+    // its own) switch the read from one branch per bounds set to a join: same answers.
+    let mut many = requests.clone();
+    for i in 0..20 {
+        many.push(UsageRequest {
+            customer: format!("idle-{i}"),
+            bounds: vec![start + time::Duration::hours(i), end],
+        });
+    }
+    let joined: BTreeMap<_, _> = reader
+        .read("demo", &meters, &many)
+        .await
+        .expect("usage")
+        .into_iter()
+        .collect();
+    assert_eq!(joined, want, "the joined read");
     // Another tenant sees nothing.
     assert!(reader
         .read("acme", &meters, &requests)
