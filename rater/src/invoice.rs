@@ -29,6 +29,7 @@
 //! charges are not prorated: the quantity is what was used in the segment. A meter missing
 //! from a segment's usage counts as zero; usage of meters no charge reads is ignored.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
@@ -54,8 +55,9 @@ pub struct Segment<'a> {
     /// Exclusive.
     pub to: OffsetDateTime,
     pub plan: &'a PlanVersion,
-    /// Meter key → quantity used within `[from, to)`.
-    pub usage: BTreeMap<String, Decimal>,
+    /// Meter key → quantity used within `[from, to)`; borrowed from a usage table by an
+    /// invoice run, owned when built by hand.
+    pub usage: Cow<'a, BTreeMap<String, Decimal>>,
 }
 
 /// An invoice: serializes to the same bytes for the same inputs (decimals as strings, times
@@ -562,7 +564,7 @@ tiers = [{ up_to = "1000", unit_price = "0.002" }, { unit_price = "0.001" }]
             from: period.start(),
             to: period.end(),
             plan: p,
-            usage: usage(u),
+            usage: Cow::Owned(usage(u)),
         }
     }
 
@@ -647,13 +649,13 @@ tiers = [{ up_to = "1000", unit_price = "0.002" }, { unit_price = "0.001" }]
                 from: period.start(),
                 to: cut,
                 plan: &b,
-                usage: usage(&[("requests", "500"), ("tokens", "99999")]),
+                usage: Cow::Owned(usage(&[("requests", "500"), ("tokens", "99999")])),
             },
             Segment {
                 from: cut,
                 to: period.end(),
                 plan: &m,
-                usage: usage(&[("tokens", "3000")]),
+                usage: Cow::Owned(usage(&[("tokens", "3000")])),
             },
         ];
         let inv = Invoice::compute("c1", &period, &segments).expect("invoice");
@@ -693,7 +695,7 @@ tiers = [{ up_to = "1000", unit_price = "0.002" }, { unit_price = "0.001" }]
             from,
             to,
             plan,
-            usage: BTreeMap::new(),
+            usage: Cow::Owned(BTreeMap::new()),
         };
         let err = |segments: &[Segment<'_>]| {
             Invoice::compute("c", &period, segments)
@@ -741,7 +743,7 @@ tiers = [{ up_to = "1000", unit_price = "0.002" }, { unit_price = "0.001" }]
             "segment 0: plan \"y\" v1 is billed yearly, the period is monthly"
         );
         let negative = Segment {
-            usage: usage(&[("requests", "-1")]),
+            usage: Cow::Owned(usage(&[("requests", "-1")])),
             ..whole(&b, &[])
         };
         assert_eq!(err(&[negative]), "quantity -1: must not be negative");
@@ -755,7 +757,7 @@ tiers = [{ up_to = "1000", unit_price = "0.002" }, { unit_price = "0.001" }]
             from: datetime!(2025-01-16 12:00 UTC),
             to: period.end(),
             plan: &b,
-            usage: BTreeMap::new(),
+            usage: Cow::Owned(BTreeMap::new()),
         };
         let inv = Invoice::compute("c", &period, &[seg]).expect("invoice");
         // 15.5 of 31 days: exactly half.
@@ -853,10 +855,10 @@ tiers = [{ up_to = "1000", unit_price = "0.002" }, { unit_price = "0.001" }]
                     from: w[0],
                     to: w[1],
                     plan: if i % 2 == 0 { &b } else { &m },
-                    usage: usage(&[
+                    usage: Cow::Owned(usage(&[
                         ("requests", &reqs[i].to_string()),
                         ("tokens", &toks[i].to_string()),
-                    ]),
+                    ])),
                 })
                 .collect();
             let inv = Invoice::compute("c", &period, &segments).expect("invoice");

@@ -75,20 +75,21 @@ impl Model {
     /// strictly increasing, exactly one open-ended tier and it is the last.
     pub fn check(&self) -> Result<()> {
         let invalid = |field: String, reason: String| Err(Error::InvalidModel { field, reason });
-        let non_negative = |field: &str, d: Decimal| {
+        // The field is named only on failure: this runs on every `price` call.
+        let non_negative = |field: &dyn Fn() -> String, d: Decimal| {
             if d.is_sign_negative() && !d.is_zero() {
-                invalid(field.to_owned(), format!("must not be negative (got {d})"))
+                invalid(field(), format!("must not be negative (got {d})"))
             } else {
                 Ok(())
             }
         };
         match self {
-            Model::PerUnit { price } => non_negative("price", *price),
+            Model::PerUnit { price } => non_negative(&|| "price".into(), *price),
             Model::Package { size, price } => {
                 if *size <= Decimal::ZERO {
                     return invalid("size".into(), format!("must be positive (got {size})"));
                 }
-                non_negative("price", *price)
+                non_negative(&|| "price".into(), *price)
             }
             Model::Graduated { tiers } | Model::Volume { tiers } => {
                 if tiers.is_empty() {
@@ -96,8 +97,8 @@ impl Model {
                 }
                 let mut prev = Decimal::ZERO;
                 for (i, t) in tiers.iter().enumerate() {
-                    non_negative(&format!("tiers[{i}].unit_price"), t.unit_price)?;
-                    non_negative(&format!("tiers[{i}].flat_fee"), t.flat_fee)?;
+                    non_negative(&|| format!("tiers[{i}].unit_price"), t.unit_price)?;
+                    non_negative(&|| format!("tiers[{i}].flat_fee"), t.flat_fee)?;
                     let last = i + 1 == tiers.len();
                     match (t.up_to, last) {
                         (None, true) => {}

@@ -20,6 +20,7 @@
 //! becomes adjustment lines. Only the period just before is looked at, so usage that
 //! arrives after the next invoice is final too is not billed.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -187,8 +188,7 @@ pub fn price(catalog: &Catalog, batch: &[Billable], usage: &UsageTable) -> Price
                 plan,
                 usage: usage
                     .get(&(b.customer.clone(), i))
-                    .cloned()
-                    .unwrap_or_default(),
+                    .map_or_else(Cow::default, Cow::Borrowed),
             });
         }
         if segments.len() != b.segments.len() {

@@ -2,6 +2,7 @@
 //! byte with `tests/golden/`. After an intended change, rewrite them with
 //! `TALLY_BLESS=1 cargo test -p tally-rater --test golden` and review the diff.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -71,7 +72,7 @@ fn one_segment<'a>(
         from,
         to,
         plan: p,
-        usage: usage(u),
+        usage: Cow::Owned(usage(u)),
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use common::*;
@@ -100,8 +101,7 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
                     plan: plans.version(&s.plan, s.version).expect("plan"),
                     usage: usage
                         .get(&(b.customer.clone(), i))
-                        .cloned()
-                        .unwrap_or_default(),
+                        .map_or_else(Cow::default, Cow::Borrowed),
                 })
                 .collect();
             let inv = Invoice::compute(&b.customer, &period, &segments).expect("invoice");

@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -613,7 +614,7 @@ async fn usage_through_the_pipeline_ends_in_the_expected_invoice_lines() {
                     from: s.from,
                     to: s.to,
                     plan: plans.version(&s.plan, s.version).expect("plan"),
-                    usage: usage[&(c.name.clone(), i)].clone(),
+                    usage: Cow::Borrowed(&usage[&(c.name.clone(), i)]),
                 })
                 .collect();
             let inv = Invoice::compute(&c.name, &period, &segments).expect("invoice");
