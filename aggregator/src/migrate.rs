@@ -2,7 +2,8 @@
 //! order and recorded in `schema_migrations`.
 //!
 //! Applying is idempotent: applied versions are skipped (their checksum must not have
-//! changed), and every statement is written to be re-runnable (`IF NOT EXISTS`), so a run
+//! changed), and every statement is written to be re-runnable (`IF NOT EXISTS`; an
+//! `ALTER TABLE … ADD COLUMN` of one column whose column exists counts as done), so a run
 //! killed between a statement and its record finishes cleanly next time. Two runners at
 //! once are not coordinated; start-up runs them from one place.
 
@@ -187,7 +188,11 @@ pub async fn apply(config: &ClickHouseConfig, migrations: &[Migration]) -> Resul
             continue;
         }
         for statement in &m.statements {
-            db.query(statement).execute().await?;
+            match db.query(statement).execute().await {
+                Ok(()) => {}
+                Err(e) if adds_existing_column(statement, &e.to_string()) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         // Names and checksums are [a-z0-9_] by construction: safe to inline.
         db.query(&format!(
@@ -202,6 +207,16 @@ pub async fn apply(config: &ClickHouseConfig, migrations: &[Migration]) -> Resul
     Ok(done)
 }
 
+/// ClickHouse 18.16 has no `ADD COLUMN IF NOT EXISTS`: an `ALTER TABLE … ADD COLUMN` (one
+/// column per statement) that finds its column there was applied by a run killed before
+/// recording it, and counts as done.
+fn adds_existing_column(statement: &str, error: &str) -> bool {
+    let s = statement.trim_start().to_ascii_uppercase();
+    s.starts_with("ALTER TABLE")
+        && s.matches("ADD COLUMN").count() == 1
+        && error.contains("column with this name already exists")
+}
+
 /// The repository's migrations folder.
 pub fn default_dir() -> PathBuf {
     std::env::var_os("TALLY_SCHEMAS")
@@ -212,6 +227,25 @@ pub fn default_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_single_add_column_that_exists_counts_as_done() {
+        let exists = "Code: 44, e.displayText() = DB::Exception: Cannot add column run_id: \
+                      column with this name already exists";
+        assert!(adds_existing_column(
+            "ALTER TABLE t ADD COLUMN run_id String DEFAULT ''",
+            exists
+        ));
+        assert!(!adds_existing_column(
+            "ALTER TABLE t ADD COLUMN a String, ADD COLUMN b String",
+            exists
+        ));
+        assert!(!adds_existing_column(
+            "ALTER TABLE t ADD COLUMN a String",
+            "Table default.t doesn't exist"
+        ));
+        assert!(!adds_existing_column("CREATE TABLE t (a String)", exists));
+    }
 
     #[test]
     fn names_are_versioned() {

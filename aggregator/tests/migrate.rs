@@ -117,3 +117,31 @@ async fn unreachable_clickhouse_is_a_retryable_error() {
         .expect_err("nothing listens on port 1");
     assert!(e.is_retryable(), "{e:?}");
 }
+
+#[tokio::test]
+async fn a_migration_killed_before_its_record_finishes_next_time() {
+    let c = config("killed");
+    let all = migrate::load(&migrate::default_dir()).expect("load");
+    migrate::apply(&c, &all).await.expect("apply");
+    // As if every statement had run and the process died before recording any of it:
+    // CREATE … IF NOT EXISTS and single-column ADD COLUMN statements run again cleanly.
+    let db = migrate::client(&c);
+    db.query("TRUNCATE TABLE schema_migrations")
+        .execute()
+        .await
+        .expect("forget the records");
+    let again = migrate::apply(&c, &all).await.expect("apply again");
+    assert_eq!(again, all.iter().map(|m| m.version).collect::<Vec<_>>());
+    // A statement that fails for another reason still fails.
+    let mut broken = all.clone();
+    broken.push(Migration {
+        version: all.last().map(|m| m.version + 1).expect("some migration"),
+        name: "broken".into(),
+        checksum: "2".repeat(64),
+        statements: vec!["ALTER TABLE no_such_table ADD COLUMN x UInt8".into()],
+    });
+    migrate::apply(&c, &broken)
+        .await
+        .expect_err("a missing table is an error");
+    drop_database(&c).await;
+}

@@ -24,8 +24,8 @@ fn quick_run_invoices_every_customer_the_same_both_ways() {
     assert!(run.output.contains("whole run"), "{}", run.output);
     for line in [
         "final run 1: ",
-        "(20000 invoices written, 0 already final)",
-        "(0 invoices written, 20000 already final)",
+        "(20000 invoices written, 0 already final;",
+        "(0 invoices written, 20000 already final;",
     ] {
         assert!(run.output.contains(line), "no {line:?} in:\n{}", run.output);
     }

@@ -107,6 +107,19 @@ pub enum LineKind {
 }
 
 impl LineKind {
+    /// The kind named `name` (as [`LineKind::name`] spells it).
+    pub fn from_name(name: &str) -> Option<LineKind> {
+        [
+            LineKind::Flat,
+            LineKind::Usage,
+            LineKind::ChargeMinimum,
+            LineKind::InvoiceMinimum,
+            LineKind::Adjustment,
+        ]
+        .into_iter()
+        .find(|k| k.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             LineKind::Flat => "flat",

@@ -177,14 +177,14 @@ impl Notifier {
     pub async fn publish_invoices(
         &self,
         tenant: &str,
-        invoices: &[(String, Invoice)],
+        invoices: &[(&str, &Invoice)],
     ) -> Result<usize> {
         let mut messages = Vec::new();
-        for (id, invoice) in invoices {
+        for &(id, invoice) in invoices {
             for m in InvoiceLineMessage::of(tenant, id, invoice) {
                 let payload = serde_json::to_vec(&m)
                     .map_err(|e| Error::Kafka(format!("encoding line {}: {e}", m.line_id)))?;
-                messages.push((id.clone(), payload));
+                messages.push((id.to_owned(), payload));
             }
         }
         self.send_all(&messages).await

@@ -452,6 +452,7 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
     };
     let (mut written, mut already, mut published, mut lines) = (0, 0, 0, 0);
     if final_run {
+        let mut closed_batches = Vec::with_capacity(batches.len());
         for batch in batches {
             let (closed, open): (Vec<Billable>, Vec<Billable>) = batch
                 .into_iter()
@@ -463,21 +464,19 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
                     format!("period not closed until {}", time_text(ready)),
                 )
             }));
-            let done = run.finalize(plans, tenant, &closed).await?;
+            if !closed.is_empty() {
+                closed_batches.push(closed);
+            }
+        }
+        run.finalize_all(plans, tenant, &closed_batches, |done| {
             written += done.written;
             already += done.already_final;
             published += done.published;
             lines += done.published_lines;
             refused.extend(done.refused);
-            for json in &done.invoices {
-                if csv {
-                    let inv: Invoice = serde_json::from_str(json)?;
-                    print(&inv);
-                } else {
-                    println!("{json}");
-                }
-            }
-        }
+            done.invoices.iter().for_each(&mut print);
+        })
+        .await?;
     } else {
         run.previews(plans, tenant, &batches, |priced| {
             refused.extend(priced.refused);

@@ -2,11 +2,14 @@
 //! queries at most, their invoices; final invoices stored once in ClickHouse.
 //!
 //! A *preview* prices a period to date and stores nothing. A *final* run prices a closed
-//! period and writes each invoice that is not stored yet — its header to `invoices` and its
-//! lines to `invoice_lines`, both in one insert per batch. An invoice's id is its tenant,
-//! customer and period start, so running a final run again finds every invoice stored and
-//! writes nothing; what it returns for them is what is stored, byte for byte. Two final runs
-//! of the same tenant at once are not coordinated: run one per tenant.
+//! period and writes each invoice that is not stored yet: its lines to `invoice_lines`, then
+//! its header to `invoices`, each in one insert per batch and both under the batch's run id.
+//! Each value is stored once: a line's columns plus, as JSON, its fields without a column
+//! (tier breakdown included); the header's JSON is the invoice without its lines. An
+//! invoice's id is its tenant, customer and period start, so running a final run again finds
+//! every invoice stored and writes nothing; what it returns for them is rebuilt from the
+//! header and the lines of the header's run, and serializes to the bytes first returned.
+//! Two final runs of the same tenant at once are not coordinated: run one per tenant.
 //!
 //! With a publisher ([`InvoiceRun::with_publisher`]), a final run then publishes the lines
 //! of every invoice of its batch that is stored and not yet published to the invoice-lines
@@ -24,14 +27,16 @@ use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tally_core::config::ClickHouseConfig;
 use time::OffsetDateTime;
 
-use crate::invoice::{Invoice, Line, Segment};
+use crate::invoice::{Invoice, Line, LineKind, Segment};
 use crate::kafka::Notifier;
 use crate::period::{period_containing, Period};
 use crate::plan::{Catalog, ChargeKind};
+use crate::pricing::TierAmount;
 use crate::store::SubscriptionStore;
 use crate::subscription::{SegmentRef, State};
 use crate::usage::{string_list, UsageError, UsageReader, UsageRequest, UsageTable};
@@ -250,44 +255,175 @@ struct PublicationRow {
     published_at: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
-struct InvoiceRow {
-    tenant: String,
-    customer: String,
-    invoice_id: String,
+/// An invoice header as inserted. `invoice` is the invoice as JSON without its lines, which
+/// are the rows of `invoice_lines` with the same `invoice_id` and `run_id`.
+#[derive(Debug, Serialize, clickhouse::Row)]
+struct HeaderRow<'a> {
+    tenant: &'a str,
+    customer: &'a str,
+    invoice_id: &'a str,
     period_start: u32,
     period_end: u32,
-    currency: String,
+    currency: &'static str,
     subtotal: String,
     total: String,
-    /// The invoice as JSON, exactly as returned by the run that finalized it.
     invoice: String,
     finalized_at: u32,
+    run_id: &'a str,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
-struct LineRow {
-    tenant: String,
-    customer: String,
-    invoice_id: String,
+/// An invoice line as inserted: the line's fields with columns of their own, and the
+/// others (allowance, billable quantity, prices, tier breakdown, what it adjusts) as JSON in
+/// `line`.
+#[derive(Debug, Serialize, clickhouse::Row)]
+struct LineRow<'a> {
+    tenant: &'a str,
+    customer: &'a str,
+    invoice_id: &'a str,
     period_start: u32,
     line_no: u32,
     segment: i32,
-    kind: String,
-    charge: String,
-    meter: String,
+    kind: &'static str,
+    charge: &'a str,
+    meter: &'a str,
     quantity: String,
     amount: String,
-    currency: String,
-    /// The line as JSON (tier breakdown included).
+    currency: &'static str,
     line: String,
+    run_id: &'a str,
+}
+
+/// The JSON of an invoice header: the invoice without its lines.
+#[derive(Serialize)]
+struct HeaderJson<'a> {
+    customer: &'a str,
+    #[serde(with = "time::serde::rfc3339")]
+    period_start: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    period_end: OffsetDateTime,
+    interval: crate::period::Interval,
+    currency: crate::currency::Currency,
+    segments: &'a [crate::invoice::SegmentSummary],
+    subtotal: Decimal,
+    total: Decimal,
+}
+
+/// A stored header's JSON: without lines when written as [`HeaderJson`]; invoices stored
+/// before lines were split out (schema V8) carry their lines here.
+#[derive(Deserialize)]
+struct StoredHeader {
+    customer: String,
+    #[serde(with = "time::serde::rfc3339")]
+    period_start: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    period_end: OffsetDateTime,
+    interval: crate::period::Interval,
+    currency: crate::currency::Currency,
+    segments: Vec<crate::invoice::SegmentSummary>,
+    #[serde(default)]
+    lines: Option<Vec<Line>>,
+    subtotal: Decimal,
+    total: Decimal,
+}
+
+/// The JSON of a line's fields without columns of their own.
+#[derive(Serialize)]
+struct LineDetail<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    included: Option<Decimal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    billable_quantity: Option<Decimal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unit_price: Option<Decimal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    packages: Option<Decimal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    minimum: Option<Decimal>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tiers: &'a [TierAmount],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adjusts: Option<&'a str>,
+}
+
+/// [`LineDetail`] as read back. Lines stored before schema V8 hold the whole line as JSON;
+/// its fields with columns are ignored here (they equal the columns).
+#[derive(Deserialize)]
+struct StoredDetail {
+    #[serde(default)]
+    included: Option<Decimal>,
+    #[serde(default)]
+    billable_quantity: Option<Decimal>,
+    #[serde(default)]
+    unit_price: Option<Decimal>,
+    #[serde(default)]
+    packages: Option<Decimal>,
+    #[serde(default)]
+    minimum: Option<Decimal>,
+    #[serde(default)]
+    tiers: Vec<TierAmount>,
+    #[serde(default)]
+    adjusts: Option<String>,
+}
+
+/// An `invoice_lines` row as read back: the columns a [`Line`] is rebuilt from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, clickhouse::Row)]
+pub struct StoredLine {
+    pub segment: i32,
+    pub kind: String,
+    pub charge: String,
+    pub meter: String,
+    pub quantity: String,
+    pub amount: String,
+    pub line: String,
+}
+
+impl StoredLine {
+    /// The line the row stores, exactly as it was priced.
+    pub fn to_line(&self) -> Result<Line, String> {
+        let decimal = |what: &str, s: &str| -> Result<Decimal, String> {
+            s.parse::<Decimal>()
+                .map_err(|e| format!("{what} {s:?} is not a decimal: {e}"))
+        };
+        let optional = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let kind = LineKind::from_name(&self.kind)
+            .ok_or_else(|| format!("kind {:?} is not a line kind", self.kind))?;
+        let detail: StoredDetail =
+            serde_json::from_str(&self.line).map_err(|e| format!("line json: {e}"))?;
+        Ok(Line {
+            segment: usize::try_from(self.segment).ok(),
+            kind,
+            charge: optional(&self.charge),
+            meter: optional(&self.meter),
+            quantity: match self.quantity.as_str() {
+                "" => None,
+                q => Some(decimal("quantity", q)?),
+            },
+            included: detail.included,
+            billable_quantity: detail.billable_quantity,
+            unit_price: detail.unit_price,
+            packages: detail.packages,
+            minimum: detail.minimum,
+            tiers: detail.tiers,
+            amount: decimal("amount", &self.amount)?,
+            adjusts: detail.adjusts,
+        })
+    }
+}
+
+#[derive(Deserialize, clickhouse::Row)]
+struct StoredLineRow {
+    invoice_id: String,
+    run_id: String,
+    line_no: u32,
+    stored: StoredLine,
 }
 
 /// What a final run did.
 #[derive(Debug, Default)]
 pub struct Finalized {
-    /// Every invoice of the batch as stored, newly written or not, as JSON.
-    pub invoices: Vec<String>,
+    /// Every invoice of the batch as stored, newly written or not, in the batch's order.
+    /// Serialized, an invoice read back from storage is byte for byte the one written.
+    pub invoices: Vec<Invoice>,
     pub written: usize,
     pub already_final: usize,
     /// Invoices whose lines this run published (none without a publisher).
@@ -295,6 +431,41 @@ pub struct Finalized {
     /// Lines published.
     pub published_lines: usize,
     pub refused: Vec<(String, String)>,
+}
+
+/// A batch of a final run once its reads are done.
+struct Prepared {
+    ids: Vec<String>,
+    stored: HashMap<String, Invoice>,
+    /// The customers with no stored invoice, and their usage.
+    pending: Vec<Billable>,
+    usage: UsageTable,
+    /// Customer → (id, issued invoice) of the period before, for those that have one.
+    issued: HashMap<String, (String, Invoice)>,
+    /// Those periods again, with the usage stored now.
+    again: Vec<Billable>,
+    again_usage: UsageTable,
+}
+
+/// A batch priced, to store.
+struct ToStore {
+    ids: Vec<String>,
+    stored: HashMap<String, Invoice>,
+    fresh: Vec<(String, Invoice)>,
+    refused: Vec<(String, String)>,
+}
+
+/// Final runs of this process, for unique run ids.
+static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// An id for one batch's inserts, unique across processes and restarts.
+fn run_id() -> String {
+    format!(
+        "{:x}-{:x}-{:x}",
+        OffsetDateTime::now_utc().unix_timestamp_nanos(),
+        std::process::id(),
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 impl InvoiceRun {
@@ -361,13 +532,76 @@ impl InvoiceRun {
     }
 
     /// Finalizes a batch of closed periods: invoices already stored are returned as stored;
-    /// the others are priced and written.
+    /// the others are priced and written. See [`InvoiceRun::finalize_all`].
     pub async fn finalize(
         &self,
         catalog: &Catalog,
         tenant: &str,
         batch: &[Billable],
     ) -> Result<Finalized, RunError> {
+        let mut out = None;
+        self.finalize_all(
+            catalog,
+            tenant,
+            std::slice::from_ref(&batch.to_vec()),
+            |f| out = Some(f),
+        )
+        .await?;
+        Ok(out.unwrap_or_default())
+    }
+
+    /// Finalizes every batch in order, handing each batch's outcome to `each`. Three batches
+    /// are under way at once: the next one's reads (stored invoices, usage) and the last
+    /// one's inserts and publishing run on tasks of their own while this one is priced.
+    /// A batch's lines are inserted before its header, and published after both.
+    pub async fn finalize_all(
+        &self,
+        catalog: &Catalog,
+        tenant: &str,
+        batches: &[Vec<Billable>],
+        mut each: impl FnMut(Finalized),
+    ) -> Result<(), RunError> {
+        let catalog = Arc::new(catalog.clone());
+        let prepare = |batch: &Vec<Billable>| {
+            let (run, catalog, tenant, batch) = (
+                self.clone(),
+                catalog.clone(),
+                tenant.to_owned(),
+                batch.clone(),
+            );
+            tokio::spawn(async move { run.prepare(&catalog, &tenant, batch).await })
+        };
+        let mut next = batches.first().map(prepare);
+        let mut storing: Option<tokio::task::JoinHandle<Result<Finalized, RunError>>> = None;
+        for i in 0..batches.len() {
+            let Some(pending) = next.take() else {
+                break;
+            };
+            let prepared = pending.await.map_err(|e| RunError::Task(e.to_string()))??;
+            next = batches.get(i + 1).map(prepare);
+            let priced = price_final(&catalog, tenant, prepared)?;
+            if let Some(done) = storing.take() {
+                each(done.await.map_err(|e| RunError::Task(e.to_string()))??);
+            }
+            let (run, tenant) = (self.clone(), tenant.to_owned());
+            storing = Some(tokio::spawn(
+                async move { run.store(&tenant, priced).await },
+            ));
+        }
+        if let Some(done) = storing {
+            each(done.await.map_err(|e| RunError::Task(e.to_string()))??);
+        }
+        Ok(())
+    }
+
+    /// A final batch's reads: its stored invoices; the usage of the others; the issued
+    /// invoices of the period before and that period's usage now (for adjustments).
+    async fn prepare(
+        &self,
+        catalog: &Catalog,
+        tenant: &str,
+        batch: Vec<Billable>,
+    ) -> Result<Prepared, RunError> {
         let ids: Vec<String> = batch
             .iter()
             .map(|b| {
@@ -380,127 +614,30 @@ impl InvoiceRun {
             .collect();
         let stored = self.stored(tenant, &ids).await?;
         let pending: Vec<Billable> = batch
-            .iter()
+            .into_iter()
             .zip(&ids)
             .filter(|(_, id)| !stored.contains_key(*id))
-            .map(|(b, _)| b.clone())
+            .map(|(b, _)| b)
             .collect();
-        let mut adjustments = self.adjustments(catalog, tenant, &pending).await?;
-        let mut priced = self.preview(catalog, tenant, &pending).await?;
-        for inv in &mut priced.invoices {
-            if let Some(lines) = adjustments.remove(&inv.customer) {
-                inv.add_adjustments(lines)?;
-            }
-        }
-        let now = OffsetDateTime::now_utc().unix_timestamp() as u32;
-        let mut headers = Vec::with_capacity(priced.invoices.len());
-        let mut lines = Vec::new();
-        let mut fresh: HashMap<String, String> = HashMap::new();
-        for inv in &priced.invoices {
-            let id = invoice_id(tenant, inv);
-            let json = serde_json::to_string(inv).map_err(|e| RunError::Stored {
-                invoice_id: id.clone(),
-                reason: e.to_string(),
-            })?;
-            for (n, line) in inv.lines.iter().enumerate() {
-                lines.push(LineRow {
-                    tenant: tenant.to_owned(),
-                    customer: inv.customer.clone(),
-                    invoice_id: id.clone(),
-                    period_start: inv.period_start.unix_timestamp() as u32,
-                    line_no: n as u32,
-                    segment: line.segment.map_or(-1, |s| s as i32),
-                    kind: serde_json::to_value(line.kind)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
-                    charge: line.charge.clone().unwrap_or_default(),
-                    meter: line.meter.clone().unwrap_or_default(),
-                    quantity: line.quantity.map(|q| q.to_string()).unwrap_or_default(),
-                    amount: line.amount.to_string(),
-                    currency: inv.currency.to_string(),
-                    line: serde_json::to_string(line).unwrap_or_default(),
-                });
-            }
-            headers.push(InvoiceRow {
-                tenant: tenant.to_owned(),
-                customer: inv.customer.clone(),
-                invoice_id: id.clone(),
-                period_start: inv.period_start.unix_timestamp() as u32,
-                period_end: inv.period_end.unix_timestamp() as u32,
-                currency: inv.currency.to_string(),
-                subtotal: inv.subtotal.to_string(),
-                total: inv.total.to_string(),
-                invoice: json.clone(),
-                finalized_at: now,
-            });
-            fresh.insert(id, json);
-        }
-        // Lines first: an invoice counts as final once its header is stored, so a run
-        // killed between the two inserts writes the lines again next time; readers join
-        // lines to headers and take one copy per (invoice_id, line_no).
-        if !lines.is_empty() {
-            let mut insert = self.client.insert::<LineRow>("invoice_lines").await?;
-            for l in &lines {
-                insert.write(l).await?;
-            }
-            insert.end().await?;
-        }
-        if !headers.is_empty() {
-            let mut insert = self.client.insert::<InvoiceRow>("invoices").await?;
-            for h in &headers {
-                insert.write(h).await?;
-            }
-            insert.end().await?;
-        }
-        let mut out = Finalized {
-            written: headers.len(),
-            already_final: stored.len(),
-            refused: priced.refused,
-            ..Finalized::default()
-        };
-        if let Some(publisher) = &self.publisher {
-            (out.published, out.published_lines) =
-                self.publish(publisher, tenant, &stored, &fresh).await?;
-        }
-        for id in &ids {
-            if let Some(json) = stored.get(id).or_else(|| fresh.get(id)) {
-                out.invoices.push(json.clone());
-            }
-        }
-        Ok(out)
-    }
+        let usage = self.read_usage(catalog, tenant, &pending).await?;
 
-    /// Usage that reached the previous period after its invoice was final: each customer's
-    /// issued invoice for the period just before this one, priced again with the usage
-    /// stored now (the same plan versions and segments), and the difference as adjustment
-    /// lines. Two queries for the batch, plus the usage read.
-    async fn adjustments(
-        &self,
-        catalog: &Catalog,
-        tenant: &str,
-        batch: &[Billable],
-    ) -> Result<HashMap<String, Vec<Line>>, RunError> {
+        // Usage that reached the previous period after its invoice was final.
         let mut previous = Vec::new();
-        for b in batch {
+        for b in &pending {
             let index = b.period.index() - 1;
             if let Ok(p) = Period::nth(b.period.anchor(), b.period.interval(), index) {
                 let id = format!("{tenant}/{}/{}", b.customer, p.start().unix_timestamp());
                 previous.push((b.customer.clone(), p, id));
             }
         }
-        let ids: Vec<String> = previous.iter().map(|(_, _, id)| id.clone()).collect();
-        let stored = self.stored(tenant, &ids).await?;
+        let prev_ids: Vec<String> = previous.iter().map(|(_, _, id)| id.clone()).collect();
+        let mut prev_stored = self.stored(tenant, &prev_ids).await?;
         let mut issued = HashMap::new();
         let mut again = Vec::new();
         for (customer, period, id) in previous {
-            let Some(json) = stored.get(&id) else {
+            let Some(inv) = prev_stored.remove(&id) else {
                 continue;
             };
-            let inv: Invoice = serde_json::from_str(json).map_err(|e| RunError::Stored {
-                invoice_id: id.clone(),
-                reason: e.to_string(),
-            })?;
             again.push(Billable {
                 customer: customer.clone(),
                 period,
@@ -517,16 +654,127 @@ impl InvoiceRun {
             });
             issued.insert(customer, (id, inv));
         }
-        let mut out = HashMap::new();
-        if again.is_empty() {
-            return Ok(out);
+        let again_usage = self.read_usage(catalog, tenant, &again).await?;
+        Ok(Prepared {
+            ids,
+            stored,
+            pending,
+            usage,
+            issued,
+            again,
+            again_usage,
+        })
+    }
+
+    async fn read_usage(
+        &self,
+        catalog: &Catalog,
+        tenant: &str,
+        batch: &[Billable],
+    ) -> Result<UsageTable, RunError> {
+        if batch.is_empty() {
+            return Ok(UsageTable::new());
         }
-        for now in self.preview(catalog, tenant, &again).await?.invoices {
-            if let Some((id, old)) = issued.get(&now.customer) {
-                let lines = Invoice::adjustments(old, &now, id)?;
-                if !lines.is_empty() {
-                    out.insert(now.customer.clone(), lines);
+        let (requests, meters) = requests(catalog, batch);
+        let meters: Vec<&str> = meters.iter().map(String::as_str).collect();
+        Ok(self.usage.read(tenant, &meters, &requests).await?)
+    }
+
+    /// Stores a priced batch (lines, then headers, under one run id), then publishes what
+    /// is stored and not yet published.
+    async fn store(&self, tenant: &str, batch: ToStore) -> Result<Finalized, RunError> {
+        let ToStore {
+            ids,
+            mut stored,
+            fresh,
+            refused,
+        } = batch;
+        let run_id = run_id();
+        let now = OffsetDateTime::now_utc().unix_timestamp() as u32;
+        // Lines first: an invoice is final once its header is stored, so a run killed
+        // between the two inserts leaves lines no header names (another run id), and the
+        // next run writes the invoice again under its own.
+        if fresh.iter().any(|(_, inv)| !inv.lines.is_empty()) {
+            let mut insert = self.client.insert::<LineRow<'_>>("invoice_lines").await?;
+            for (id, inv) in &fresh {
+                let currency = inv.currency.code();
+                for (n, line) in inv.lines.iter().enumerate() {
+                    let detail = LineDetail {
+                        included: line.included,
+                        billable_quantity: line.billable_quantity,
+                        unit_price: line.unit_price,
+                        packages: line.packages,
+                        minimum: line.minimum,
+                        tiers: &line.tiers,
+                        adjusts: line.adjusts.as_deref(),
+                    };
+                    insert
+                        .write(&LineRow {
+                            tenant,
+                            customer: &inv.customer,
+                            invoice_id: id,
+                            period_start: inv.period_start.unix_timestamp() as u32,
+                            line_no: n as u32,
+                            segment: line.segment.map_or(-1, |s| s as i32),
+                            kind: line.kind.name(),
+                            charge: line.charge.as_deref().unwrap_or_default(),
+                            meter: line.meter.as_deref().unwrap_or_default(),
+                            quantity: line.quantity.map(|q| q.to_string()).unwrap_or_default(),
+                            amount: line.amount.to_string(),
+                            currency,
+                            line: json(id, &detail)?,
+                            run_id: &run_id,
+                        })
+                        .await?;
                 }
+            }
+            insert.end().await?;
+        }
+        if !fresh.is_empty() {
+            let mut insert = self.client.insert::<HeaderRow<'_>>("invoices").await?;
+            for (id, inv) in &fresh {
+                let head = HeaderJson {
+                    customer: &inv.customer,
+                    period_start: inv.period_start,
+                    period_end: inv.period_end,
+                    interval: inv.interval,
+                    currency: inv.currency,
+                    segments: &inv.segments,
+                    subtotal: inv.subtotal,
+                    total: inv.total,
+                };
+                insert
+                    .write(&HeaderRow {
+                        tenant,
+                        customer: &inv.customer,
+                        invoice_id: id,
+                        period_start: inv.period_start.unix_timestamp() as u32,
+                        period_end: inv.period_end.unix_timestamp() as u32,
+                        currency: inv.currency.code(),
+                        subtotal: inv.subtotal.to_string(),
+                        total: inv.total.to_string(),
+                        invoice: json(id, &head)?,
+                        finalized_at: now,
+                        run_id: &run_id,
+                    })
+                    .await?;
+            }
+            insert.end().await?;
+        }
+        let mut out = Finalized {
+            written: fresh.len(),
+            already_final: stored.len(),
+            refused,
+            ..Finalized::default()
+        };
+        if let Some(publisher) = &self.publisher {
+            (out.published, out.published_lines) =
+                self.publish(publisher, tenant, &stored, &fresh).await?;
+        }
+        let mut fresh: HashMap<String, Invoice> = fresh.into_iter().collect();
+        for id in &ids {
+            if let Some(inv) = stored.remove(id).or_else(|| fresh.remove(id)) {
+                out.invoices.push(inv);
             }
         }
         Ok(out)
@@ -538,8 +786,8 @@ impl InvoiceRun {
         &self,
         publisher: &Notifier,
         tenant: &str,
-        stored: &HashMap<String, String>,
-        fresh: &HashMap<String, String>,
+        stored: &HashMap<String, Invoice>,
+        fresh: &[(String, Invoice)],
     ) -> Result<(usize, usize), RunError> {
         let topic = publisher.topic();
         let done: HashSet<String> = if stored.is_empty() {
@@ -560,22 +808,17 @@ impl InvoiceRun {
                 .filter(|id| stored.contains_key(id))
                 .collect()
         };
-        let mut pending: Vec<(String, Invoice)> = Vec::new();
-        for (id, json) in stored.iter().chain(fresh) {
-            if done.contains(id) {
-                continue;
-            }
-            let invoice: Invoice = serde_json::from_str(json).map_err(|e| RunError::Stored {
-                invoice_id: id.clone(),
-                reason: e.to_string(),
-            })?;
-            pending.push((id.clone(), invoice));
-        }
+        let mut pending: Vec<(&str, &Invoice)> = stored
+            .iter()
+            .filter(|(id, _)| !done.contains(*id))
+            .chain(fresh.iter().map(|(id, inv)| (id, inv)))
+            .map(|(id, inv)| (id.as_str(), inv))
+            .collect();
         if pending.is_empty() {
             return Ok((0, 0));
         }
         // In id order: the same batch publishes in the same order every time.
-        pending.sort_by(|a, b| a.0.cmp(&b.0));
+        pending.sort_by(|a, b| a.0.cmp(b.0));
         let lines = publisher.publish_invoices(tenant, &pending).await?;
         let now = OffsetDateTime::now_utc().unix_timestamp() as u32;
         let mut insert = self
@@ -586,7 +829,7 @@ impl InvoiceRun {
             insert
                 .write(&PublicationRow {
                     tenant: tenant.to_owned(),
-                    invoice_id: id.clone(),
+                    invoice_id: (*id).to_owned(),
                     topic: topic.to_owned(),
                     period_start: invoice.period_start.unix_timestamp() as u32,
                     lines: invoice.lines.len() as u32,
@@ -598,32 +841,161 @@ impl InvoiceRun {
         Ok((pending.len(), lines))
     }
 
-    /// The stored invoices among `ids`, as JSON; one query (see [`id_filter`]).
+    /// The stored invoices among `ids`: their headers in one query, then the lines of
+    /// those stored since schema V8 in one more (see [`id_filter`]). An invoice with two
+    /// headers (two runs at once) is the first finalized.
     async fn stored(
         &self,
         tenant: &str,
         ids: &[String],
-    ) -> Result<HashMap<String, String>, RunError> {
+    ) -> Result<HashMap<String, Invoice>, RunError> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
         let filter = id_filter(ids);
-        let rows: Vec<(String, String)> = self
+        let t = string_list([tenant]);
+        let rows: Vec<(String, String, String)> = self
             .client
             // Literals, not `?` binds: query() would take a `?` inside an id for one.
             .query_raw(&format!(
-                "SELECT invoice_id, any(invoice) FROM invoices \
-                 WHERE tenant = {} AND {filter} GROUP BY invoice_id",
-                string_list([tenant]),
+                "SELECT invoice_id, invoice, run_id FROM invoices \
+                 WHERE tenant = {t} AND {filter} \
+                 ORDER BY invoice_id, finalized_at, run_id LIMIT 1 BY invoice_id",
             ))
             .fetch_all()
             .await?;
         let wanted: HashSet<&String> = ids.iter().collect();
-        Ok(rows
-            .into_iter()
-            .filter(|(id, _)| wanted.contains(id))
-            .collect())
+        let mut out = HashMap::new();
+        // Headers whose lines are in invoice_lines: (id, run id) → (header, lines so far).
+        let mut split: HashMap<(String, String), (StoredHeader, Vec<Line>)> = HashMap::new();
+        for (id, json, run) in rows {
+            if !wanted.contains(&id) {
+                continue;
+            }
+            let header: StoredHeader =
+                serde_json::from_str(&json).map_err(|e| RunError::Stored {
+                    invoice_id: id.clone(),
+                    reason: e.to_string(),
+                })?;
+            match header.lines {
+                Some(_) => {
+                    let inv = invoice_of(&id, header, None)?;
+                    out.insert(id, inv);
+                }
+                None => {
+                    split.insert((id, run), (header, Vec::new()));
+                }
+            }
+        }
+        if split.is_empty() {
+            return Ok(out);
+        }
+        let runs: BTreeSet<&str> = split.keys().map(|(_, r)| r.as_str()).collect();
+        let split_ids: Vec<String> = split.keys().map(|(id, _)| id.clone()).collect();
+        let mut cursor = self
+            .client
+            .query_raw(&format!(
+                "SELECT invoice_id, run_id, line_no, segment, kind, charge, meter, quantity, \
+                 amount, line FROM invoice_lines \
+                 WHERE tenant = {t} AND run_id IN ({}) AND {} \
+                 ORDER BY invoice_id, run_id, line_no",
+                string_list(runs),
+                id_filter(&split_ids)
+            ))
+            .fetch::<StoredLineRow>()?;
+        while let Some(row) = cursor.next().await? {
+            let key = (row.invoice_id, row.run_id);
+            let Some((_, lines)) = split.get_mut(&key) else {
+                continue;
+            };
+            // Rows come in line order; a line number seen already is a copy.
+            if row.line_no as usize != lines.len() {
+                if (row.line_no as usize) < lines.len() {
+                    continue;
+                }
+                return Err(RunError::Stored {
+                    invoice_id: key.0,
+                    reason: format!("line {} is missing", lines.len()),
+                });
+            }
+            let line = row.stored.to_line().map_err(|reason| RunError::Stored {
+                invoice_id: key.0.clone(),
+                reason: format!("line {}: {reason}", row.line_no),
+            })?;
+            lines.push(line);
+        }
+        for ((id, _), (header, lines)) in split {
+            let inv = invoice_of(&id, header, Some(lines))?;
+            out.insert(id, inv);
+        }
+        Ok(out)
     }
+}
+
+/// A stored invoice from its header and (for headers without them) its lines, checked:
+/// the lines must add up to the stored total.
+fn invoice_of(id: &str, h: StoredHeader, lines: Option<Vec<Line>>) -> Result<Invoice, RunError> {
+    let lines = lines.or(h.lines).unwrap_or_default();
+    let mut sum = Decimal::ZERO;
+    for l in &lines {
+        sum = crate::exact::add(sum, l.amount, "stored total")?;
+    }
+    if sum != h.total {
+        return Err(RunError::Stored {
+            invoice_id: id.to_owned(),
+            reason: format!(
+                "its {} stored lines add up to {sum}, not its total {}",
+                lines.len(),
+                h.total
+            ),
+        });
+    }
+    Ok(Invoice {
+        customer: h.customer,
+        period_start: h.period_start,
+        period_end: h.period_end,
+        interval: h.interval,
+        currency: h.currency,
+        segments: h.segments,
+        lines,
+        subtotal: h.subtotal,
+        total: h.total,
+    })
+}
+
+fn json(id: &str, value: &impl Serialize) -> Result<String, RunError> {
+    serde_json::to_string(value).map_err(|e| RunError::Stored {
+        invoice_id: id.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Prices a prepared final batch: its invoices, each with adjustment lines for what the
+/// previous period's issued invoice, priced again with the usage stored now, differs by.
+fn price_final(catalog: &Catalog, tenant: &str, p: Prepared) -> Result<ToStore, RunError> {
+    let mut adjustments: HashMap<String, Vec<Line>> = HashMap::new();
+    for now in price(catalog, &p.again, &p.again_usage).invoices {
+        if let Some((id, old)) = p.issued.get(&now.customer) {
+            let lines = Invoice::adjustments(old, &now, id)?;
+            if !lines.is_empty() {
+                adjustments.insert(now.customer.clone(), lines);
+            }
+        }
+    }
+    let priced = price(catalog, &p.pending, &p.usage);
+    let mut fresh = Vec::with_capacity(priced.invoices.len());
+    for mut inv in priced.invoices {
+        if let Some(lines) = adjustments.remove(&inv.customer) {
+            inv.add_adjustments(lines)?;
+        }
+        fresh.push((invoice_id(tenant, &inv), inv));
+    }
+    Ok(ToStore {
+        ids: p.ids,
+        stored: p.stored,
+        fresh,
+        refused: priced.refused,
+    })
 }
 
 /// A condition on `invoice_id` (and `period_start`) matching at least `ids` (of the form

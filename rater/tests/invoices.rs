@@ -140,14 +140,14 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
         .values()
         .map(|i| serde_json::to_string(i).expect("json"))
         .collect();
-    let mut first_json = first.invoices.clone();
+    let mut first_json = jsons(&first);
     first_json.sort();
     let mut want = stored.clone();
     want.sort();
     assert_eq!(first_json, want);
-    for json in &first.invoices {
-        let back: Invoice = serde_json::from_str(json).expect("a stored invoice reads back");
-        assert_eq!(&serde_json::to_string(&back).expect("json"), json);
+    for json in jsons(&first) {
+        let back: Invoice = serde_json::from_str(&json).expect("a stored invoice reads back");
+        assert_eq!(serde_json::to_string(&back).expect("json"), json);
         assert!(back.to_csv().lines().count() == back.lines.len() + 1);
     }
 
@@ -174,7 +174,7 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
         .await
         .expect("final again");
     assert_eq!((again.written, again.already_final), (0, 3));
-    assert_eq!(again.invoices, first.invoices, "byte-identical");
+    assert_eq!(jsons(&again), jsons(&first), "byte-identical");
     assert_eq!(count(&db, "SELECT count() FROM invoices").await, 3);
     assert_eq!(
         count(&db, "SELECT count() FROM invoice_lines").await,
@@ -203,7 +203,7 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
     let invoices: BTreeMap<String, Invoice> = nov
         .invoices
         .iter()
-        .map(|j| serde_json::from_str::<Invoice>(j).expect("invoice"))
+        .cloned()
         .map(|i| (i.customer.clone(), i))
         .collect();
     let adjust = |c: &str| -> Vec<(String, Option<String>, String)> {
@@ -250,7 +250,7 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
         .finalize(&plans, "demo", &november)
         .await
         .expect("november again");
-    assert_eq!(nov_again.invoices, nov.invoices);
+    assert_eq!(jsons(&nov_again), jsons(&nov));
 
     drop_database(&db).await;
 }
@@ -303,7 +303,7 @@ async fn final_invoices_reach_the_topic_once_each() {
     let invoices: BTreeMap<String, Invoice> = second
         .invoices
         .iter()
-        .map(|j| serde_json::from_str::<Invoice>(j).expect("invoice"))
+        .cloned()
         .map(|i| {
             (
                 format!("demo/{}/{}", i.customer, i.period_start.unix_timestamp()),
@@ -362,7 +362,7 @@ async fn final_invoices_reach_the_topic_once_each() {
         .await
         .expect("third");
     assert_eq!((third.already_final, third.published), (2, 0));
-    assert_eq!(third.invoices, second.invoices, "byte-identical");
+    assert_eq!(jsons(&third), jsons(&second), "byte-identical");
     assert_eq!(topic_size(&topic), lines as i64, "nothing sent twice");
     let mut more = batch.clone();
     more.push(billable("it's", "pro", 1));
@@ -377,4 +377,152 @@ async fn final_invoices_reach_the_topic_once_each() {
         "only the new invoice's lines"
     );
     drop_database(&db).await;
+}
+
+/// A ClickHouse string literal.
+fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+#[tokio::test]
+async fn invoices_stored_whole_before_v8_and_lines_left_by_a_dead_run_read_right() {
+    let db = fresh_database("layouts").await;
+    write(&db, &events()).await;
+    let config = config();
+    let reader = UsageReader::new(&db, config.catalog(), config.validation.max_dimension_chars);
+    let run = InvoiceRun::new(&db, reader);
+    let plans = plans();
+    let period = period_containing(
+        datetime!(2026-01-01 0:00 UTC),
+        Interval::Monthly,
+        datetime!(2026-10-15 0:00 UTC),
+    )
+    .expect("period");
+    let start = period.start().unix_timestamp();
+    let billable = |customer: &str, plan: &str, version: u32| Billable {
+        customer: customer.into(),
+        period,
+        segments: vec![segment(period.start(), period.end(), plan, version)],
+    };
+    let batch = vec![billable("alpha", "starter", 1), billable("beta", "pro", 2)];
+    let priced: BTreeMap<String, Invoice> = run
+        .preview(&plans, "demo", &batch)
+        .await
+        .expect("preview")
+        .invoices
+        .into_iter()
+        .map(|i| (i.customer.clone(), i))
+        .collect();
+    let client = tally_aggregator::migrate::client(&db);
+    let exec = |sql: String| {
+        let client = client.clone();
+        async move { client.query(&sql).execute().await.expect("insert") }
+    };
+
+    // alpha was finalized before V8: the whole invoice in its header, each whole line in
+    // `line`, no run id. It differs from what pricing gives now (an extra adjustment line),
+    // so it can only come back by being read.
+    let mut old = priced["alpha"].clone();
+    let mut extra = old.lines[0].clone();
+    extra.kind = LineKind::Adjustment;
+    extra.segment = None;
+    extra.amount = "1.00".parse().expect("decimal");
+    extra.adjusts = Some("demo/alpha/0".into());
+    old.total += extra.amount;
+    old.lines.push(extra);
+    let id = format!("demo/alpha/{start}");
+    exec(format!(
+        "INSERT INTO invoices (tenant, customer, invoice_id, period_start, period_end, currency, \
+         subtotal, total, invoice, finalized_at) VALUES ('demo', 'alpha', {}, {start}, {}, 'USD', \
+         {}, {}, {}, now())",
+        lit(&id),
+        period.end().unix_timestamp(),
+        lit(&old.subtotal.to_string()),
+        lit(&old.total.to_string()),
+        lit(&serde_json::to_string(&old).expect("json")),
+    ))
+    .await;
+    for (n, l) in old.lines.iter().enumerate() {
+        exec(format!(
+            "INSERT INTO invoice_lines (tenant, customer, invoice_id, period_start, line_no, \
+             segment, kind, charge, meter, quantity, amount, currency, line) VALUES \
+             ('demo', 'alpha', {}, {start}, {n}, {}, {}, {}, {}, {}, {}, 'USD', {})",
+            lit(&id),
+            l.segment.map_or(-1, |s| s as i32),
+            lit(l.kind.name()),
+            lit(l.charge.as_deref().unwrap_or_default()),
+            lit(l.meter.as_deref().unwrap_or_default()),
+            lit(&l.quantity.map(|q| q.to_string()).unwrap_or_default()),
+            lit(&l.amount.to_string()),
+            lit(&serde_json::to_string(l).expect("json")),
+        ))
+        .await;
+    }
+    // beta: a run died after inserting a line and before its header (its run id sorts
+    // before any real one, so a reader that ignored run ids would take it).
+    exec(format!(
+        "INSERT INTO invoice_lines (tenant, customer, invoice_id, period_start, line_no, \
+         segment, kind, charge, meter, quantity, amount, currency, line, run_id) VALUES \
+         ('demo', 'beta', 'demo/beta/{start}', {start}, 0, 0, 'flat', 'platform', '', '', \
+         '999.00', 'USD', '{{}}', '0-dead-run')"
+    ))
+    .await;
+
+    let first = run.finalize(&plans, "demo", &batch).await.expect("final");
+    assert_eq!((first.written, first.already_final), (1, 1));
+    let got: BTreeMap<String, Invoice> = first
+        .invoices
+        .iter()
+        .map(|i| (i.customer.clone(), i.clone()))
+        .collect();
+    assert_eq!(got["alpha"], old, "the invoice stored before V8, as stored");
+    assert_eq!(
+        got["beta"], priced["beta"],
+        "beta priced now, not the dead run's line"
+    );
+    assert_eq!(
+        serde_json::to_string(&got["alpha"]).expect("json"),
+        serde_json::to_string(&old).expect("json")
+    );
+
+    // A reader of the tables takes the lines of each header's run: the dead run's line
+    // matches no header.
+    let joined = count(
+        &db,
+        "SELECT count() FROM invoice_lines ANY INNER JOIN \
+         (SELECT invoice_id, run_id FROM invoices) USING (invoice_id, run_id)",
+    )
+    .await;
+    assert_eq!(
+        joined as usize,
+        old.lines.len() + priced["beta"].lines.len()
+    );
+
+    let again = run.finalize(&plans, "demo", &batch).await.expect("again");
+    assert_eq!((again.written, again.already_final), (0, 2));
+    assert_eq!(jsons(&again), jsons(&first), "byte-identical");
+    drop_database(&db).await;
+}
+
+#[test]
+fn a_stored_line_reads_back_as_the_line() {
+    let bad = tally_rater::run::StoredLine {
+        segment: 0,
+        kind: "flat".into(),
+        charge: "platform".into(),
+        meter: String::new(),
+        quantity: String::new(),
+        amount: "ten".into(),
+        line: "{}".into(),
+    };
+    assert!(bad
+        .to_line()
+        .expect_err("amount")
+        .contains("amount \"ten\""));
+    let kind = tally_rater::run::StoredLine {
+        kind: "refund".into(),
+        amount: "1".into(),
+        ..bad.clone()
+    };
+    assert!(kind.to_line().expect_err("kind").contains("\"refund\""));
 }

@@ -294,7 +294,8 @@ impl ClickHouse {
     }
 }
 
-fn stack_pid() -> Option<u32> {
+/// The pid of the local stack's clickhouse-server (see [`ClickHouse::stack`]).
+pub fn stack_pid() -> Option<u32> {
     let is_clickhouse = |pid: u32| {
         std::fs::read(format!("/proc/{pid}/cmdline"))
             .is_ok_and(|c| String::from_utf8_lossy(&c).contains("clickhouse"))

@@ -12,7 +12,7 @@
 //! Both must produce the same invoices (checked: count and the sum of totals). Target:
 //! 1,000,000 customer-month invoices in under 10 s.
 //!
-//! Then the final run over the same batches (`InvoiceRun::finalize`, no publisher): every
+//! Then the final run over the same batches (`InvoiceRun::finalize_all`, no publisher): every
 //! invoice stored, header and lines, with the same totals; and once more, which must find
 //! them all stored and write nothing.
 
@@ -284,19 +284,17 @@ async fn main() -> anyhow::Result<()> {
     let (read, _) = billables(&store, &plans, TENANT, at, o.batch).await?;
     let mut finals = Vec::new();
     for pass in 0..2 {
+        let ch_pid = tally_bench::agg::ch::stack_pid();
+        let cpu = |pid: Option<u32>| pid.and_then(tally_bench::procfs::cpu_seconds);
+        let (ch0, me0) = (cpu(ch_pid), tally_bench::procfs::self_cpu_seconds());
         let t = Instant::now();
         let (mut written, mut already, mut stored_sum) = (0, 0, (Decimal::ZERO, Decimal::ZERO));
-        for batch in &read {
-            let done = run.finalize(&plans, TENANT, batch).await?;
+        run.finalize_all(&plans, TENANT, &read, |done| {
             written += done.written;
             already += done.already_final;
-            let invoices = done
-                .invoices
-                .iter()
-                .map(|j| serde_json::from_str::<tally_rater::Invoice>(j))
-                .collect::<Result<Vec<_>, _>>()?;
-            stored_sum = totals(stored_sum, &invoices);
-        }
+            stored_sum = totals(stored_sum, &done.invoices);
+        })
+        .await?;
         let took = t.elapsed();
         let want = if pass == 0 {
             (whole_n, 0)
@@ -313,10 +311,17 @@ async fn main() -> anyhow::Result<()> {
             "final pass {}: stored totals {stored_sum:?} differ from the preview's {whole_sum:?}",
             pass + 1
         );
+        let used = |a: Option<f64>, b: Option<f64>| {
+            a.zip(b)
+                .map_or_else(|| "?".to_owned(), |(a, b)| format!("{:.1}", b - a))
+        };
         println!(
-            "final run {}: {:.2} s ({written} invoices written, {already} already final)",
+            "final run {}: {:.2} s ({written} invoices written, {already} already final; \
+             CPU seconds: rater {}, ClickHouse {})",
             pass + 1,
-            took.as_secs_f64()
+            took.as_secs_f64(),
+            used(me0, tally_bench::procfs::self_cpu_seconds()),
+            used(ch0, cpu(ch_pid)),
         );
         finals.push(took);
     }

@@ -363,3 +363,11 @@ pub fn topic_size(topic: &str) -> i64 {
         })
         .sum()
 }
+
+/// A final run's invoices as the bytes a consumer of the run gets.
+pub fn jsons(done: &tally_rater::run::Finalized) -> Vec<String> {
+    done.invoices
+        .iter()
+        .map(|i| serde_json::to_string(i).expect("invoice json"))
+        .collect()
+}

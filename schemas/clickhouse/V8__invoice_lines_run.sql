@@ -1,0 +1,14 @@
+-- Invoice lines as columns, tied to the header of the run that wrote them.
+--
+-- From this version a final run stores each line once: the fields with columns of their
+-- own (segment, kind, charge, meter, quantity, amount) only there, and `line` holds the
+-- line's other fields as JSON (allowance, billable quantity, unit price, packages,
+-- minimum, tier breakdown, the invoice an adjustment corrects). Rows written before hold
+-- the whole line in `line`, the same values as the columns.
+--
+-- `run_id` names the batch insert that wrote a line; the invoice's header (V9) carries the
+-- same id. A run killed after inserting lines and before their header leaves lines no
+-- header names; the next run prices the invoice again, possibly with more usage, and
+-- writes it under its own id. Readers take the lines whose (invoice_id, run_id) is the
+-- header's. Empty on rows written before this version, as on their headers.
+ALTER TABLE invoice_lines ADD COLUMN run_id String DEFAULT ''
