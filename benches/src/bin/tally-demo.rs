@@ -5,7 +5,9 @@
 //! downstream dedupe counts once) and a few deliberately bad events, to show the refusals.
 //! Prints accepted and refused counts (refusals by reason), the usage topic's offsets, and,
 //! once the aggregator has caught up, each tenant's usage per customer and meter as the
-//! usage API answers it.
+//! usage API answers it. Then a gateway's quota checks, and last the demo tenant's
+//! customers subscribed (once) from the start of this month and their invoices for the month
+//! to date, priced from the usage the aggregator stored (an invoice preview).
 //!
 //! Environment: TALLY_COLLECTOR_URL (http://127.0.0.1:8700), TALLY_USAGE_URL
 //! (http://127.0.0.1:8701), TALLY_KAFKA_BROKERS (127.0.0.1:19092), TALLY_KAFKA_TOPIC
@@ -144,7 +146,96 @@ async fn main() -> anyhow::Result<()> {
     let usage = env("TALLY_USAGE_URL", "http://127.0.0.1:8701");
     print_usage(&client, &usage).await?;
     let quota = env("TALLY_QUOTA_URL", "http://127.0.0.1:8702");
-    gateway_loop(&client, &quota, run).await
+    gateway_loop(&client, &quota, run).await?;
+    invoice_preview().await
+}
+
+/// The demo tenant's customers on a plan from the first of this month (recorded once: a
+/// second demo run finds the same changes in the log), then their invoices for the month to
+/// date, priced from the rollups: one usage query for the batch.
+async fn invoice_preview() -> anyhow::Result<()> {
+    let config_path = std::env::var_os("TALLY_CONFIG")
+        .is_none()
+        .then(|| std::path::PathBuf::from("config/tally.dev.toml"));
+    let config = tally_core::Config::load(config_path.as_deref())?;
+    let plans = tally_rater::Catalog::load_dir("config/plans").context("loading config/plans")?;
+    let store = tally_rater::store::SubscriptionStore::new(&config.clickhouse);
+    let now = time::OffsetDateTime::now_utc();
+    let month = now.replace_day(1)?.replace_time(time::Time::MIDNIGHT);
+    println!("\ninvoice preview: tenant demo, month to date (plans from config/plans)");
+    for n in 0..6 {
+        let customer = format!("demo-cust-{n}");
+        let plan = if n % 2 == 0 { "starter" } else { "pro" };
+        let mut change = tally_rater::NewChange::create("demo", &customer, plan, month);
+        change.actor = "tally-demo".into();
+        change.reason = "demo subscription".into();
+        if let Err(e) = store.record(&plans, change).await {
+            // Subscribed by a demo run of an earlier month: it keeps that subscription.
+            println!("  {customer}: {e}");
+        }
+    }
+    let (batches, mut refused) =
+        tally_rater::run::billables(&store, &plans, "demo", now, 1_000).await?;
+    let reader = tally_rater::usage::UsageReader::new(
+        &config.clickhouse,
+        config.catalog(),
+        config.validation.max_dimension_chars,
+    );
+    let run = tally_rater::run::InvoiceRun::new(&config.clickhouse, reader);
+    let mut invoices = Vec::new();
+    run.previews(&plans, "demo", &batches, |priced| {
+        invoices.extend(priced.invoices);
+        refused.extend(priced.refused);
+    })
+    .await?;
+    for inv in &invoices {
+        let plans: Vec<String> = inv
+            .segments
+            .iter()
+            .map(|s| format!("{} v{}", s.plan, s.version))
+            .collect();
+        println!(
+            "\n  {} on {}, {} to {} ({})",
+            inv.customer,
+            plans.join(", then "),
+            inv.period_start.date(),
+            inv.period_end.date(),
+            inv.currency.code()
+        );
+        for l in &inv.lines {
+            let what = l.charge.as_deref().unwrap_or(l.kind.name());
+            let quantity = l.quantity.map(|q| q.to_string()).unwrap_or_default();
+            let tiers = if l.tiers.len() > 1 {
+                format!("  ({} tiers)", l.tiers.len())
+            } else {
+                String::new()
+            };
+            println!(
+                "    {:<16} {:<16} {:>14} {:>12}{tiers}",
+                l.kind.name(),
+                what,
+                quantity,
+                l.amount
+            );
+        }
+        println!(
+            "    {:<16} {:<16} {:>14} {:>12}",
+            "subtotal", "", "", inv.subtotal
+        );
+        println!(
+            "    {:<16} {:<16} {:>14} {:>12}",
+            "total", "", "", inv.total
+        );
+    }
+    for (customer, reason) in &refused {
+        println!("  {customer}: not invoiced: {reason}");
+    }
+    println!(
+        "\n{} invoices previewed, nothing stored (`tally-rater invoice --tenant demo --mode final \
+         --at <a time in the month>` stores them once the month and its grace period are over)",
+        invoices.len()
+    );
+    Ok(())
 }
 
 /// A gateway in front of an API: one quota check per request, until a customer hits its
