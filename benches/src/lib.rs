@@ -13,4 +13,5 @@ pub mod procfs;
 pub mod produce;
 pub mod quota;
 pub mod quota_fresh;
+pub mod rate;
 pub mod report;

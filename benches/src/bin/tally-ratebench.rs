@@ -16,7 +16,7 @@
 //! invoice stored, header and lines, with the same totals; and once more, which must find
 //! them all stored and write nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -88,25 +88,6 @@ fn options() -> anyhow::Result<Option<Options>> {
         }
     }
     Ok(Some(o))
-}
-
-/// What the database holds for customer `n`, by meter: the same expressions as the fill.
-fn usage_of(n: u64) -> BTreeMap<String, Decimal> {
-    BTreeMap::from([
-        (
-            "requests".to_owned(),
-            Decimal::from(100_000 + n * 37 % 2_000_000),
-        ),
-        (
-            "tokens".to_owned(),
-            Decimal::from(1_000_000 + n % 50_000_000),
-        ),
-        (
-            "storage_gb".to_owned(),
-            Decimal::new((n % 10_000) as i64, 2),
-        ),
-        ("active_users".to_owned(), Decimal::ONE),
-    ])
 }
 
 async fn fill(db: &ClickHouseConfig, config: &Config, n: u64) -> anyhow::Result<()> {
@@ -206,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
                 .iter()
                 .map(|&n| {
                     let customer = format!("c{n}");
-                    usage.insert((customer.clone(), 0), usage_of(n));
+                    usage.insert((customer.clone(), 0), tally_bench::rate::usage_of(n));
                     Billable {
                         customer,
                         period,

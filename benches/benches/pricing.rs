@@ -3,13 +3,12 @@
 //! charges, two with graduated tiers, an invoice minimum). Baseline in the same run: writing
 //! the same invoices as JSON, the least any output of them costs.
 
-use std::collections::BTreeMap;
-
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tally_bench::rate::usage_of;
 use tally_rater::run::{price, Billable};
 use tally_rater::subscription::SegmentRef;
 use tally_rater::usage::UsageTable;
-use tally_rater::{period_containing, Catalog, Decimal, Interval};
+use tally_rater::{period_containing, Catalog, Interval};
 use time::macros::datetime;
 
 // Pricing allocates and frees many small strings and vectors per batch; with glibc's
@@ -19,25 +18,6 @@ use time::macros::datetime;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH: u64 = 10_000;
-
-/// The ratebench's usage of customer `n`, by meter.
-fn usage_of(n: u64) -> BTreeMap<String, Decimal> {
-    BTreeMap::from([
-        (
-            "requests".to_owned(),
-            Decimal::from(100_000 + n * 37 % 2_000_000),
-        ),
-        (
-            "tokens".to_owned(),
-            Decimal::from(1_000_000 + n % 50_000_000),
-        ),
-        (
-            "storage_gb".to_owned(),
-            Decimal::new((n % 10_000) as i64, 2),
-        ),
-        ("active_users".to_owned(), Decimal::ONE),
-    ])
-}
 
 fn bench(c: &mut Criterion) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
