@@ -140,6 +140,26 @@ fn totals(acc: (Decimal, Decimal), invoices: &[tally_rater::Invoice]) -> (Decima
         .fold(acc, |(s, t), i| (s + i.subtotal, t + i.total))
 }
 
+/// CPU seconds used so far by this process and by the stack's ClickHouse server.
+fn cpu_now() -> (Option<f64>, Option<f64>) {
+    let ch = tally_bench::agg::ch::stack_pid().and_then(tally_bench::procfs::cpu_seconds);
+    (tally_bench::procfs::self_cpu_seconds(), ch)
+}
+
+/// The CPU seconds both used since `before`, as the bench prints them.
+fn cpu_used(before: (Option<f64>, Option<f64>)) -> String {
+    let now = cpu_now();
+    let used = |a: Option<f64>, b: Option<f64>| {
+        a.zip(b)
+            .map_or_else(|| "?".to_owned(), |(a, b)| format!("{:.1}", b - a))
+    };
+    format!(
+        "CPU seconds: rater {}, ClickHouse {}",
+        used(before.0, now.0),
+        used(before.1, now.1)
+    )
+}
+
 fn median(mut xs: Vec<Duration>) -> Duration {
     xs.sort();
     xs[xs.len() / 2]
@@ -237,6 +257,7 @@ async fn main() -> anyhow::Result<()> {
         (whole_n, whole_sum) = (n, sum);
 
         // Where the whole run's time goes: the usage reads alone, one batch at a time.
+        let cpu0 = cpu_now();
         let t = Instant::now();
         let mut rows = 0usize;
         for batch in &read {
@@ -245,13 +266,15 @@ async fn main() -> anyhow::Result<()> {
             rows += reader.read(TENANT, &meters, &requests).await?.len();
         }
         reads.push(t.elapsed());
+        let read_cpu = cpu_used(cpu0);
         ensure!(
             rows == whole_n,
             "usage of {rows} customers read, {whole_n} invoiced"
         );
         println!(
             "round {round}: pure pricing {:.2} s, whole run {:.2} s (subscriptions and segments \
-             {:.2} s, usage and pricing {:.2} s; {} refused); usage reads alone {:.2} s",
+             {:.2} s, usage and pricing {:.2} s; {} refused); usage reads alone {:.2} s \
+             ({read_cpu})",
             pure[round - 1].as_secs_f64(),
             whole[round - 1].as_secs_f64(),
             placed.as_secs_f64(),
@@ -265,9 +288,7 @@ async fn main() -> anyhow::Result<()> {
     let (read, _) = billables(&store, &plans, TENANT, at, o.batch).await?;
     let mut finals = Vec::new();
     for pass in 0..2 {
-        let ch_pid = tally_bench::agg::ch::stack_pid();
-        let cpu = |pid: Option<u32>| pid.and_then(tally_bench::procfs::cpu_seconds);
-        let (ch0, me0) = (cpu(ch_pid), tally_bench::procfs::self_cpu_seconds());
+        let cpu0 = cpu_now();
         let t = Instant::now();
         let (mut written, mut already, mut stored_sum) = (0, 0, (Decimal::ZERO, Decimal::ZERO));
         run.finalize_all(&plans, TENANT, &read, |done| {
@@ -292,17 +313,11 @@ async fn main() -> anyhow::Result<()> {
             "final pass {}: stored totals {stored_sum:?} differ from the preview's {whole_sum:?}",
             pass + 1
         );
-        let used = |a: Option<f64>, b: Option<f64>| {
-            a.zip(b)
-                .map_or_else(|| "?".to_owned(), |(a, b)| format!("{:.1}", b - a))
-        };
         println!(
-            "final run {}: {:.2} s ({written} invoices written, {already} already final; \
-             CPU seconds: rater {}, ClickHouse {})",
+            "final run {}: {:.2} s ({written} invoices written, {already} already final; {})",
             pass + 1,
             took.as_secs_f64(),
-            used(me0, tally_bench::procfs::self_cpu_seconds()),
-            used(ch0, cpu(ch_pid)),
+            cpu_used(cpu0),
         );
         finals.push(took);
     }
