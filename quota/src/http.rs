@@ -7,30 +7,19 @@
 //! `allowed: false`. Bad input is a 400 naming the field (for an array, per element: the
 //! answer array holds `{"error"}` objects in their places).
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 use tally_core::Tenants;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+pub use tally_service::http::serve;
+use tally_service::http::{bearer, error, json_reply, metrics_reply, Handler, Reply};
 
 use crate::metrics::HTTP_REQUESTS;
 use crate::quota::{Check, CheckError, Quota};
-
-type Reply = Response<Full<Bytes>>;
 
 /// Largest request body, and most checks in one array.
 const MAX_BODY: usize = 1 << 20;
@@ -76,16 +65,7 @@ impl Api {
                 };
                 json_reply(status, &json!({"redis": redis}))
             }
-            (&Method::GET, "/metrics") => {
-                let mut r = Response::new(Full::new(Bytes::from(
-                    crate::metrics::prometheus().render(),
-                )));
-                r.headers_mut().insert(
-                    CONTENT_TYPE,
-                    "text/plain; version=0.0.4".parse().expect("static"),
-                );
-                r
-            }
+            (&Method::GET, "/metrics") => metrics_reply(crate::metrics::prometheus()),
             (_, "other") => error(StatusCode::NOT_FOUND, "no such route"),
             _ => error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -98,14 +78,7 @@ impl Api {
     }
 
     async fn check(&self, req: Request<Incoming>) -> Reply {
-        let key = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, k)| k.trim());
-        let Some(tenant) = key.and_then(|k| self.tenants.authenticate(k)) else {
+        let Some(tenant) = bearer(&req).and_then(|k| self.tenants.authenticate(k)) else {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "missing or unknown API key (Authorization: Bearer <key>)",
@@ -228,49 +201,10 @@ fn parse(v: &Value) -> Result<Asked, String> {
     })
 }
 
-fn json_reply(status: StatusCode, body: &Value) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, "application/json".parse().expect("static"));
-    r
-}
-
-fn error(status: StatusCode, message: &str) -> Reply {
-    json_reply(status, &json!({"error": message}))
-}
-
-/// Serves the API until `stop` flips; in-flight requests get 5 s to finish.
-pub async fn serve(
-    listen: &str,
-    api: Arc<Api>,
-    mut stop: watch::Receiver<bool>,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(listen).await?;
-    let addr = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        let graceful = GracefulShutdown::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
-                    let _ = stream.set_nodelay(true);
-                    let api = api.clone();
-                    let service = service_fn(move |req| {
-                        let api = api.clone();
-                        async move { Ok::<_, Infallible>(api.handle(req).await) }
-                    });
-                    let conn = graceful.watch(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                }
-                _ = stop.changed() => break,
-            }
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
-    });
-    Ok((addr, task))
+impl Handler for Api {
+    fn handle(&self, req: Request<Incoming>) -> impl std::future::Future<Output = Reply> + Send {
+        Api::handle(self, req)
+    }
 }
 
 #[cfg(test)]

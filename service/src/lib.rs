@@ -1,5 +1,7 @@
 //! What every tally service shares at its edges: structured logging, the process-wide
-//! Prometheus recorder, and creating the Kafka topics a stage needs.
+//! Prometheus recorder, creating the Kafka topics a stage needs, and the HTTP server.
+
+pub mod http;
 
 use std::sync::OnceLock;
 use std::time::Duration;
