@@ -12,7 +12,7 @@ STACK := bash scripts/stack.sh
 
 .PHONY: test demo bench up down services-status stack-up stack-down stack-status stack-wipe
 
-RELEASE_BINS := -p tally-ingest -p tally-aggregator -p tally-quota -p tally-bench
+RELEASE_BINS := -p tally-ingest -p tally-aggregator -p tally-quota -p tally-rater -p tally-bench
 
 # Every test, against the real local stack (started here if it is not running).
 test: stack-up

@@ -19,10 +19,10 @@ START_TIMEOUT="${TALLY_SERVICES_START_TIMEOUT:-30}"
 STOP_TIMEOUT="${TALLY_SERVICES_STOP_TIMEOUT:-20}"
 
 # name → binary and the address whose /healthz and /readyz it serves.
-SERVICES=(collector aggregator quota)
-declare -A BINARY=([collector]=tally-ingest [aggregator]=tally-aggregator [quota]=tally-quota)
-declare -A ARGS=([collector]="" [aggregator]="run" [quota]="serve")
-declare -A ADDR=([collector]=127.0.0.1:8700 [aggregator]=127.0.0.1:8701 [quota]=127.0.0.1:8702)
+SERVICES=(collector aggregator quota rater)
+declare -A BINARY=([collector]=tally-ingest [aggregator]=tally-aggregator [quota]=tally-quota [rater]=tally-rater)
+declare -A ARGS=([collector]="" [aggregator]="run" [quota]="serve" [rater]="--plans $ROOT/config/plans serve")
+declare -A ADDR=([collector]=127.0.0.1:8700 [aggregator]=127.0.0.1:8701 [quota]=127.0.0.1:8702 [rater]=127.0.0.1:8703)
 
 pid_of() {
     local f="$STATE/$1.pid" pid

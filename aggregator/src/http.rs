@@ -8,7 +8,9 @@ use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 use tally_core::{Catalog, Config, Tenants};
-use tally_service::http::{bearer, error, json_reply, metrics_reply, Handler, Reply};
+use tally_service::http::{
+    counted, error, json_reply, metrics_reply, no_route, tenant, unauthorized, Handler, Reply,
+};
 pub use tally_service::http::{decode_query, serve};
 
 use crate::metrics::{HTTP_REQUESTS, USAGE_DURATION};
@@ -57,24 +59,15 @@ impl Api {
                 )
             }
             (&Method::GET, "/metrics") => metrics_reply(crate::metrics::prometheus()),
-            (_, "other") => error(StatusCode::NOT_FOUND, "no such route"),
-            _ => error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed on this route",
-            ),
+            _ => no_route(route),
         };
-        let status = reply.status().as_str().to_owned();
-        metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
-        reply
+        counted(HTTP_REQUESTS, route, reply)
     }
 
     async fn usage<B>(&self, req: &Request<B>) -> Reply {
         let started = Instant::now();
-        let Some(tenant) = bearer(req).and_then(|k| self.tenants.authenticate(k)) else {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing or unknown API key (Authorization: Bearer <key>)",
-            );
+        let Some(tenant) = tenant(req, &self.tenants) else {
+            return unauthorized();
         };
         let pairs = match decode_query(req.uri().query().unwrap_or("")) {
             Ok(p) => p,

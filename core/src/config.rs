@@ -246,6 +246,10 @@ pub struct RaterConfig {
     /// (`TALLY_INVOICE_TOPIC`).
     #[serde(default = "default_invoice_topic")]
     pub invoice_topic: String,
+    /// Address `tally-rater serve` (invoice previews, health, metrics) listens on
+    /// (`TALLY_RATER_LISTEN`).
+    #[serde(default = "default_rater_listen")]
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -373,6 +377,9 @@ fn default_no_subscription() -> String {
 }
 fn default_entitlement_topic() -> String {
     "entitlement-changes".into()
+}
+fn default_rater_listen() -> String {
+    "127.0.0.1:8703".into()
 }
 fn default_invoice_topic() -> String {
     "invoice-lines".into()
@@ -526,6 +533,9 @@ impl Config {
         }
         if let Some(v) = get("TALLY_INVOICE_TOPIC") {
             self.rater.invoice_topic = v;
+        }
+        if let Some(v) = get("TALLY_RATER_LISTEN") {
+            self.rater.listen = v;
         }
         if let Some(v) = get("TALLY_PLANS") {
             self.quota.plans_dir = v;

@@ -16,7 +16,9 @@ use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 use tally_core::Tenants;
 pub use tally_service::http::serve;
-use tally_service::http::{bearer, error, json_reply, metrics_reply, Handler, Reply};
+use tally_service::http::{
+    counted, error, json_reply, metrics_reply, no_route, tenant, unauthorized, Handler, Reply,
+};
 
 use crate::metrics::HTTP_REQUESTS;
 use crate::quota::{Check, CheckError, Quota};
@@ -66,23 +68,14 @@ impl Api {
                 json_reply(status, &json!({"redis": redis}))
             }
             (&Method::GET, "/metrics") => metrics_reply(crate::metrics::prometheus()),
-            (_, "other") => error(StatusCode::NOT_FOUND, "no such route"),
-            _ => error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed on this route",
-            ),
+            _ => no_route(route),
         };
-        let status = reply.status().as_str().to_owned();
-        metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
-        reply
+        counted(HTTP_REQUESTS, route, reply)
     }
 
     async fn check(&self, req: Request<Incoming>) -> Reply {
-        let Some(tenant) = bearer(&req).and_then(|k| self.tenants.authenticate(k)) else {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing or unknown API key (Authorization: Bearer <key>)",
-            );
+        let Some(tenant) = tenant(&req, &self.tenants) else {
+            return unauthorized();
         };
         let tenant = tenant.id.clone();
         let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {

@@ -17,6 +17,8 @@
 //!   plan-version migrations written in bulk, resumable, with an audit record.
 //! - [`migration`]: plan-version migrations planned (who moves, when, what changes).
 //! - [`kafka`]: a migration's entitlement changes published to `entitlement-changes`.
+//! - [`run`]: invoice runs over ClickHouse (previews, final runs stored once and published).
+//! - [`http`]: `tally-rater serve`: invoice previews over HTTP, health and metrics.
 //!
 //! Money is `rust_decimal::Decimal`, never a float, and is computed exactly: a result that
 //! cannot be held exactly is an error, not a rounded figure.
@@ -25,8 +27,10 @@ mod currency;
 pub mod entitlements;
 mod error;
 mod exact;
+pub mod http;
 pub mod invoice;
 pub mod kafka;
+pub mod metrics;
 pub mod migration;
 pub mod period;
 pub mod plan;

@@ -47,6 +47,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USAGE: &str = "\
 usage: tally-rater [--config FILE] [--plans DIR] [--json] COMMAND [FLAGS]
+  serve     invoice previews over HTTP, /healthz, /readyz, /metrics (rater.listen)
   migrate   [--schemas DIR]
   subscribe --tenant T --customer C --plan P [--version N] --start TIME [--anchor TIME]
   change    --tenant T --customer C --plan P [--version N] --at TIME [--migration ID]
@@ -68,6 +69,7 @@ TIME is RFC 3339 in whole seconds, like 2025-01-01T00:00:00Z.";
 
 /// Flags each command takes; `*` marks the required ones.
 const COMMANDS: &[(&str, &[&str])] = &[
+    ("serve", &[]),
     ("migrate", &["schemas"]),
     (
         "subscribe",
@@ -325,6 +327,7 @@ async fn run(args: anyhow::Result<Args>) -> anyhow::Result<()> {
     };
     let out = Output { json: args.json };
     match args.command {
+        "serve" => serve(&config, plans()?).await?,
         "migrate" => {
             let dir = args
                 .get("schemas")
@@ -494,6 +497,35 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
             config.rater.invoice_topic
         );
     }
+    Ok(())
+}
+
+/// `serve`: the preview API until SIGTERM or Ctrl-C, then in-flight requests finish.
+async fn serve(config: &Config, plans: Catalog) -> anyhow::Result<()> {
+    tally_service::init_logging();
+    let migrations = tally_aggregator::migrate::load(&tally_aggregator::migrate::default_dir())?;
+    let mut backoff = std::time::Duration::from_millis(200);
+    while let Err(e) = tally_aggregator::migrate::apply(&config.clickhouse, &migrations).await {
+        anyhow::ensure!(e.is_retryable(), "applying migrations: {e}");
+        tracing::warn!(error = %e, "clickhouse unavailable; waiting to apply migrations");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
+    let api = std::sync::Arc::new(tally_rater::http::Api::new(config, plans));
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let (addr, server) = tally_rater::http::serve(&config.rater.listen, api, stop)
+        .await
+        .with_context(|| format!("listening on {}", config.rater.listen))?;
+    tracing::info!(%addr, "rater API listening");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("signal received: finishing in-flight previews");
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    tracing::info!("rater API stopped");
     Ok(())
 }
 

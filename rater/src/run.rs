@@ -26,6 +26,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -34,11 +35,12 @@ use time::OffsetDateTime;
 
 use crate::invoice::{Invoice, Line, LineKind, Segment};
 use crate::kafka::Notifier;
+use crate::metrics::{BATCH_DURATION, INVOICES, PUBLISHED_LINES};
 use crate::period::{period_containing, Period};
 use crate::plan::{Catalog, ChargeKind};
 use crate::pricing::TierAmount;
 use crate::store::SubscriptionStore;
-use crate::subscription::{SegmentRef, State};
+use crate::subscription::{SegmentRef, State, Timeline};
 use crate::usage::{string_list, UsageError, UsageReader, UsageRequest, UsageTable};
 
 /// Why a run failed. Per-customer pricing errors do not fail the run (see [`Priced`]).
@@ -109,43 +111,17 @@ pub async fn billables(
     let mut current = Vec::with_capacity(batch_size);
     let mut refused = Vec::new();
     store
-        .timelines(tenant, |timeline| {
-            let Some(status) = timeline.status(at) else {
-                return;
-            };
-            if status.state == State::Scheduled {
-                return;
-            }
-            let Some(plan) = catalog.version(&status.plan, status.version) else {
-                refused.push((
-                    status.customer,
-                    format!("plan {:?} has no version {}", status.plan, status.version),
-                ));
-                return;
-            };
-            let period = match period_containing(status.billing_anchor, plan.interval(), at) {
-                Ok(p) if status.state == State::Active || status.since > p.start() => p,
-                Ok(_) => return,
-                Err(e) => {
-                    refused.push((status.customer, e.to_string()));
-                    return;
+        .timelines(tenant, |timeline| match billable(&timeline, catalog, at) {
+            None => {}
+            Some(Err(refusal)) => refused.push(refusal),
+            Some(Ok(b)) => {
+                current.push(b);
+                if current.len() == batch_size {
+                    batches.push(std::mem::replace(
+                        &mut current,
+                        Vec::with_capacity(batch_size),
+                    ));
                 }
-            };
-            let segments = timeline
-                .segments(period.start(), period.end())
-                .into_iter()
-                .filter_map(|s| clip(s, &period))
-                .collect();
-            current.push(Billable {
-                customer: status.customer,
-                period,
-                segments,
-            });
-            if current.len() == batch_size {
-                batches.push(std::mem::replace(
-                    &mut current,
-                    Vec::with_capacity(batch_size),
-                ));
             }
         })
         .await?;
@@ -153,6 +129,63 @@ pub async fn billables(
         batches.push(current);
     }
     Ok((batches, refused))
+}
+
+/// One customer's billable at `at`, as [`billables`] places it: `None` if no subscription
+/// is in force then (none yet, scheduled, or cancelled before that period), or the
+/// customer with the reason it cannot be placed.
+pub fn billable(
+    timeline: &Timeline,
+    catalog: &Catalog,
+    at: OffsetDateTime,
+) -> Option<Result<Billable, (String, String)>> {
+    let status = timeline.status(at)?;
+    if status.state == State::Scheduled {
+        return None;
+    }
+    let Some(plan) = catalog.version(&status.plan, status.version) else {
+        return Some(Err((
+            status.customer,
+            format!("plan {:?} has no version {}", status.plan, status.version),
+        )));
+    };
+    let period = match period_containing(status.billing_anchor, plan.interval(), at) {
+        Ok(p) if status.state == State::Active || status.since > p.start() => p,
+        Ok(_) => return None,
+        Err(e) => return Some(Err((status.customer, e.to_string()))),
+    };
+    let segments = timeline
+        .segments(period.start(), period.end())
+        .into_iter()
+        .filter_map(|s| clip(s, &period))
+        .collect();
+    Some(Ok(Billable {
+        customer: status.customer,
+        period,
+        segments,
+    }))
+}
+
+/// [`billable`] for one customer, from their change log.
+pub async fn billable_of(
+    store: &SubscriptionStore,
+    catalog: &Catalog,
+    tenant: &str,
+    customer: &str,
+    at: OffsetDateTime,
+) -> Result<Option<Result<Billable, (String, String)>>, RunError> {
+    let changes = store.history(tenant, customer).await?;
+    Ok(billable(&Timeline::new(customer, changes), catalog, at))
+}
+
+/// Counts a priced preview batch.
+fn count_priced(priced: &Priced) {
+    for (outcome, n) in [
+        ("priced", priced.invoices.len()),
+        ("refused", priced.refused.len()),
+    ] {
+        metrics::counter!(INVOICES, "mode" => "preview", "outcome" => outcome).increment(n as u64);
+    }
 }
 
 /// The part of a segment inside a period.
@@ -499,7 +532,9 @@ impl InvoiceRun {
         let (requests, meters) = requests(catalog, batch);
         let meters: Vec<&str> = meters.iter().map(String::as_str).collect();
         let usage = self.usage.read(tenant, &meters, &requests).await?;
-        Ok(price(catalog, batch, &usage))
+        let priced = price(catalog, batch, &usage);
+        count_priced(&priced);
+        Ok(priced)
     }
 
     /// Previews every batch in order, handing each batch's outcome to `each`: the next
@@ -524,9 +559,14 @@ impl InvoiceRun {
             let Some(pending) = next.take() else {
                 break;
             };
+            let started = Instant::now();
             let usage = pending.await.map_err(|e| RunError::Task(e.to_string()))??;
             next = batches.get(i + 1).map(|b| read(b));
-            each(price(catalog, batch, &usage));
+            let priced = price(catalog, batch, &usage);
+            count_priced(&priced);
+            metrics::histogram!(BATCH_DURATION, "mode" => "preview")
+                .record(started.elapsed().as_secs_f64());
+            each(priced);
         }
         Ok(())
     }
@@ -683,6 +723,7 @@ impl InvoiceRun {
     /// Stores a priced batch (lines, then headers, under one run id), then publishes what
     /// is stored and not yet published.
     async fn store(&self, tenant: &str, batch: ToStore) -> Result<Finalized, RunError> {
+        let started = Instant::now();
         let ToStore {
             ids,
             mut stored,
@@ -771,6 +812,17 @@ impl InvoiceRun {
             (out.published, out.published_lines) =
                 self.publish(publisher, tenant, &stored, &fresh).await?;
         }
+        for (outcome, n) in [
+            ("written", out.written),
+            ("already_final", out.already_final),
+            ("refused", out.refused.len()),
+        ] {
+            metrics::counter!(INVOICES, "mode" => "final", "outcome" => outcome)
+                .increment(n as u64);
+        }
+        metrics::counter!(PUBLISHED_LINES).increment(out.published_lines as u64);
+        metrics::histogram!(BATCH_DURATION, "mode" => "final")
+            .record(started.elapsed().as_secs_f64());
         let mut fresh: HashMap<String, Invoice> = fresh.into_iter().collect();
         for id in &ids {
             if let Some(inv) = stored.remove(id).or_else(|| fresh.remove(id)) {

@@ -526,3 +526,150 @@ fn a_stored_line_reads_back_as_the_line() {
     };
     assert!(kind.to_line().expect_err("kind").contains("\"refund\""));
 }
+
+/// GET `path` from the rater API at `addr`: status, content type and body.
+async fn get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    key: Option<&str>,
+) -> (http::StatusCode, String, String) {
+    use http_body_util::BodyExt;
+    let mut req = http::Request::get(format!("http://{addr}{path}"));
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let answer = async {
+        let resp = client.request(req).await.expect("the rater API answers");
+        let status = resp.status();
+        let kind = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, kind, String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), answer)
+        .await
+        .expect("the rater API answers within 30 s")
+}
+
+#[tokio::test]
+async fn the_preview_api_answers_what_a_preview_run_prices() {
+    use http::StatusCode;
+    use tally_rater::store::SubscriptionStore;
+    use tally_rater::subscription::NewChange;
+
+    let db = fresh_database("preview_api").await;
+    write(&db, &events()).await;
+    let mut config = config();
+    config.clickhouse = db.clone();
+    let plans = plans();
+    let store = SubscriptionStore::new(&db);
+    let start = datetime!(2026-10-01 0:00 UTC);
+    for (customer, plan, version) in [("alpha", "starter", 1), ("beta", "pro", 2)] {
+        store
+            .record(
+                &plans,
+                NewChange::create("demo", customer, plan, start).version(version),
+            )
+            .await
+            .expect("subscribe");
+    }
+    let api = std::sync::Arc::new(tally_rater::http::Api::new(&config, plans.clone()));
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let (addr, server) = tally_rater::http::serve("127.0.0.1:0", api, stop)
+        .await
+        .expect("listen");
+
+    // What a preview run prices for the same customer and instant.
+    let reader = UsageReader::new(&db, config.catalog(), config.validation.max_dimension_chars);
+    let run = InvoiceRun::new(&db, reader);
+    let at = datetime!(2026-10-15 0:00 UTC);
+    for customer in ["alpha", "beta"] {
+        let billable = tally_rater::run::billable_of(&store, &plans, "demo", customer, at)
+            .await
+            .expect("read")
+            .expect("subscribed")
+            .expect("placed");
+        let want = run
+            .preview(&plans, "demo", &[billable])
+            .await
+            .expect("preview")
+            .invoices
+            .pop()
+            .expect("priced");
+        assert!(want.total > tally_rater::Decimal::ZERO && !want.lines.is_empty());
+        let path = format!("/v1/invoices/preview?customer={customer}&at=2026-10-15T00:00:00Z");
+        let (status, kind, body) = get(addr, &path, Some("demo-key")).await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (StatusCode::OK, "application/json"),
+            "{body}"
+        );
+        let got: Invoice = serde_json::from_str(&body).expect("an invoice");
+        assert_eq!(got, want);
+        // The bytes the CLI prints for it.
+        assert_eq!(body, serde_json::to_string(&want).expect("json"));
+        let (status, kind, csv) = get(addr, &format!("{path}&format=csv"), Some("demo-key")).await;
+        assert_eq!((status, kind.as_str()), (StatusCode::OK, "text/csv"));
+        assert_eq!(csv, want.to_csv());
+    }
+
+    // Errors name what was wrong.
+    let q = "/v1/invoices/preview?customer=alpha";
+    let (status, _, body) = get(addr, q, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, _, body) = get(addr, q, Some("not-a-key")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, _, body) = get(addr, &format!("{q}&at=tomorrow"), Some("demo-key")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("at: "), "{body}");
+    let (status, _, body) = get(addr, "/v1/invoices/preview", Some("demo-key")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("customer: missing"), "{body}");
+    let (status, _, body) = get(
+        addr,
+        "/v1/invoices/preview?customer=nobody&at=2026-10-15T00:00:00Z",
+        Some("demo-key"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        body.contains("no subscription in force at 2026-10-15T00:00:00Z"),
+        "{body}"
+    );
+    // Before the subscription starts, nothing is in force either.
+    let (status, _, _) = get(
+        addr,
+        "/v1/invoices/preview?customer=alpha&at=2026-09-15T00:00:00Z",
+        Some("demo-key"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, _, _) = get(addr, "/healthz", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, body) = get(addr, "/readyz", None).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, r#"{"clickhouse":true}"#)
+    );
+    let (status, _, body) = get(addr, "/metrics", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.contains("tally_rater_invoices_total{mode=\"preview\",outcome=\"priced\"}")
+            && body.contains("tally_rater_http_requests_total"),
+        "{body}"
+    );
+
+    let _ = stop_tx.send(true);
+    server.await.expect("the server stops");
+    drop_database(&db).await;
+}

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{json, Value};
+use tally_core::config::{Tenant, Tenants};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -88,6 +89,39 @@ pub fn metrics_reply(handle: &PrometheusHandle) -> Reply {
         "text/plain; version=0.0.4".parse().expect("static"),
     );
     r
+}
+
+/// The tenant whose key the request bears (answer [`unauthorized`] if none).
+pub fn tenant<'a, B>(req: &Request<B>, tenants: &'a Tenants) -> Option<&'a Tenant> {
+    bearer(req).and_then(|k| tenants.authenticate(k))
+}
+
+/// The 401 for a request without a known key.
+pub fn unauthorized() -> Reply {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "missing or unknown API key (Authorization: Bearer <key>)",
+    )
+}
+
+/// The answer to a request no route took: 404 for an unknown path (`route` "other"), 405
+/// for a known path asked with the wrong method.
+pub fn no_route(route: &str) -> Reply {
+    if route == "other" {
+        error(StatusCode::NOT_FOUND, "no such route")
+    } else {
+        error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed on this route",
+        )
+    }
+}
+
+/// Counts `reply` in the counter `name` by route and status, and returns it.
+pub fn counted(name: &'static str, route: &'static str, reply: Reply) -> Reply {
+    let status = reply.status().as_str().to_owned();
+    metrics::counter!(name, "route" => route, "status" => status).increment(1);
+    reply
 }
 
 /// The key of `Authorization: Bearer <key>`, if the request has one.
