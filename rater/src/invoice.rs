@@ -351,6 +351,31 @@ impl Invoice {
 
     /// Appends adjustment lines; they count in the total, not in the subtotal (which is
     /// this period's charges, the base of its invoice minimum).
+    /// The invoice of a period with no subscription in force (the one after a
+    /// cancellation) that carries adjustments of the period before: no segments, a zero
+    /// subtotal, and the adjustments as its lines and total.
+    pub fn adjustments_only(
+        customer: &str,
+        period: &Period,
+        currency: Currency,
+        lines: Vec<Line>,
+    ) -> Result<Invoice> {
+        let zero = exact::round_money(Decimal::ZERO, currency.minor_unit_exponent(), "zero")?;
+        let mut invoice = Invoice {
+            customer: customer.to_owned(),
+            period_start: period.start(),
+            period_end: period.end(),
+            interval: period.interval(),
+            currency,
+            segments: Vec::new(),
+            lines: Vec::new(),
+            subtotal: zero,
+            total: zero,
+        };
+        invoice.add_adjustments(lines)?;
+        Ok(invoice)
+    }
+
     pub fn add_adjustments(&mut self, lines: Vec<Line>) -> Result<()> {
         for l in lines {
             self.total = exact::add(self.total, l.amount, "invoice total")?;

@@ -151,7 +151,20 @@ pub fn billable(
     };
     let period = match period_containing(status.billing_anchor, plan.interval(), at) {
         Ok(p) if status.state == State::Active || status.since > p.start() => p,
-        Ok(_) => return None,
+        // Cancelled during the period before: this one has nothing to price, but usage of
+        // that period reaching it after its final invoice is billed here (see
+        // `price_final`), as it would be on the next invoice of a customer who stayed.
+        Ok(p) => {
+            let before = Period::nth(p.anchor(), p.interval(), p.index() - 1).ok()?;
+            if status.since <= before.start() {
+                return None;
+            }
+            return Some(Ok(Billable {
+                customer: status.customer,
+                period: p,
+                segments: Vec::new(),
+            }));
+        }
         Err(e) => return Some(Err((status.customer, e.to_string()))),
     };
     let segments = timeline
@@ -211,6 +224,10 @@ pub fn price(catalog: &Catalog, batch: &[Billable], usage: &UsageTable) -> Price
         refused: Vec::new(),
     };
     for b in batch {
+        // The period after a cancellation (see `billable`): nothing in force to price.
+        if b.segments.is_empty() {
+            continue;
+        }
         let mut segments = Vec::with_capacity(b.segments.len());
         for (i, s) in b.segments.iter().enumerate() {
             let Some(plan) = catalog.version(&s.plan, s.version) else {
@@ -1042,6 +1059,18 @@ fn price_final(catalog: &Catalog, tenant: &str, p: Prepared) -> Result<ToStore, 
         }
         fresh.push((invoice_id(tenant, &inv), inv));
     }
+    // Customers whose subscription ended during the period before: an invoice of the
+    // adjustments alone, in the issued invoice's currency, when there are any.
+    for b in p.pending.iter().filter(|b| b.segments.is_empty()) {
+        let (Some(lines), Some((_, issued))) =
+            (adjustments.remove(&b.customer), p.issued.get(&b.customer))
+        else {
+            continue;
+        };
+        let inv = Invoice::adjustments_only(&b.customer, &b.period, issued.currency, lines)?;
+        fresh.push((invoice_id(tenant, &inv), inv));
+    }
+
     Ok(ToStore {
         ids: p.ids,
         stored: p.stored,

@@ -673,3 +673,135 @@ async fn the_preview_api_answers_what_a_preview_run_prices() {
     server.await.expect("the server stops");
     drop_database(&db).await;
 }
+
+#[tokio::test]
+async fn usage_reaching_a_cancelled_subscriptions_last_period_late_is_billed_after_it() {
+    use tally_rater::run::billables;
+    use tally_rater::store::SubscriptionStore;
+    use tally_rater::subscription::NewChange;
+
+    let db = fresh_database("invoices_churn").await;
+    write(&db, &events()).await;
+    let config = config();
+    let reader = UsageReader::new(&db, config.catalog(), config.validation.max_dimension_chars);
+    let run = InvoiceRun::new(&db, reader);
+    let plans = plans();
+    let store = SubscriptionStore::new(&db);
+    // Both subscribed from September and cancelled on October 20th.
+    for (customer, plan, version) in [("alpha", "starter", 1), ("beta", "pro", 2)] {
+        let start = datetime!(2026-09-01 0:00 UTC);
+        store
+            .record(
+                &plans,
+                NewChange::create("demo", customer, plan, start).version(version),
+            )
+            .await
+            .expect("subscribe");
+        store
+            .record(
+                &plans,
+                NewChange::cancel("demo", customer, datetime!(2026-10-20 0:00 UTC)),
+            )
+            .await
+            .expect("cancel");
+    }
+    let finalize = |at: time::OffsetDateTime| {
+        let (run, store, plans) = (&run, &store, &plans);
+        async move {
+            let (batches, refused) = billables(store, plans, "demo", at, 100)
+                .await
+                .expect("billables");
+            assert!(refused.is_empty(), "{refused:?}");
+            let mut out = Vec::new();
+            run.finalize_all(plans, "demo", &batches, |done| out.push(done))
+                .await
+                .expect("final");
+            out
+        }
+    };
+    let october = finalize(datetime!(2026-10-15 0:00 UTC)).await;
+    let issued: BTreeMap<String, Invoice> = october
+        .iter()
+        .flat_map(|d| d.invoices.iter().cloned())
+        .map(|i| (i.customer.clone(), i))
+        .collect();
+    assert_eq!(issued.len(), 2);
+
+    // Usage of October 10th, after October's invoices are final.
+    let late = vec![
+        Ev {
+            id: "churn-late-1".into(),
+            customer: "alpha",
+            ty: "request",
+            time: datetime!(2026-10-10 8:00 UTC),
+            value: "/v1/late",
+        },
+        Ev {
+            id: "churn-late-2".into(),
+            customer: "alpha",
+            ty: "completion",
+            time: datetime!(2026-10-10 8:00:01 UTC),
+            value: "25000",
+        },
+    ];
+    write(&db, &late).await;
+
+    // November has nothing in force to preview for either...
+    let (batches, _) = billables(&store, &plans, "demo", datetime!(2026-11-15 0:00 UTC), 100)
+        .await
+        .expect("billables");
+    let mut previewed = 0;
+    run.previews(&plans, "demo", &batches, |p| {
+        previewed += p.invoices.len() + p.refused.len()
+    })
+    .await
+    .expect("previews");
+    assert_eq!(previewed, 0);
+
+    // ...but its final run bills alpha's late October usage: October priced again with
+    // the usage stored now, less what was issued.
+    let (oct_batches, _) = billables(&store, &plans, "demo", datetime!(2026-10-15 0:00 UTC), 100)
+        .await
+        .expect("billables");
+    let mut now = BTreeMap::new();
+    run.previews(&plans, "demo", &oct_batches, |p| {
+        now.extend(p.invoices.into_iter().map(|i| (i.customer.clone(), i)))
+    })
+    .await
+    .expect("october again");
+    let november = finalize(datetime!(2026-11-15 0:00 UTC)).await;
+    let written: usize = november.iter().map(|d| d.written).sum();
+    assert_eq!(written, 1, "alpha's adjustments only; beta has none");
+    let alpha = &november[0].invoices[0];
+    assert_eq!(alpha.customer, "alpha");
+    assert!(alpha.segments.is_empty());
+    assert_eq!(alpha.subtotal.to_string(), "0.00");
+    assert_eq!(
+        alpha.period_start,
+        datetime!(2026-11-01 0:00 UTC),
+        "the period after the cancellation"
+    );
+    assert!(!alpha.lines.is_empty());
+    let october_id = format!(
+        "demo/alpha/{}",
+        datetime!(2026-10-01 0:00 UTC).unix_timestamp()
+    );
+    for l in &alpha.lines {
+        assert_eq!(l.kind, LineKind::Adjustment);
+        assert_eq!(l.adjusts.as_deref(), Some(october_id.as_str()));
+    }
+    assert_eq!(alpha.total, now["alpha"].total - issued["alpha"].total);
+    assert!(alpha.total > tally_rater::Decimal::ZERO);
+    assert_eq!(now["beta"], issued["beta"]);
+
+    // Run again: stored once, the same bytes; December has nothing for either.
+    let again = finalize(datetime!(2026-11-15 0:00 UTC)).await;
+    let (written, already): (usize, usize) = again
+        .iter()
+        .fold((0, 0), |(w, a), d| (w + d.written, a + d.already_final));
+    assert_eq!((written, already), (0, 1));
+    assert_eq!(jsons(&again[0]), jsons(&november[0]));
+    let december = finalize(datetime!(2026-12-15 0:00 UTC)).await;
+    assert!(december.iter().all(|d| d.invoices.is_empty()));
+    drop_database(&db).await;
+}
