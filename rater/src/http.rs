@@ -120,6 +120,8 @@ impl Api {
             };
             match billable {
                 Err((_, reason)) => Ok(Some(Err(reason))),
+                // The period after a cancellation: nothing in force to preview.
+                Ok(b) if b.segments.is_empty() => Ok(None),
                 Ok(b) => {
                     let mut priced = self
                         .run

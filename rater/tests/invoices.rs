@@ -582,6 +582,21 @@ async fn the_preview_api_answers_what_a_preview_run_prices() {
             .await
             .expect("subscribe");
     }
+    // Cancelled in September: nothing in force in October.
+    store
+        .record(
+            &plans,
+            NewChange::create("demo", "gone", "starter", datetime!(2026-09-01 0:00 UTC)).version(1),
+        )
+        .await
+        .expect("subscribe");
+    store
+        .record(
+            &plans,
+            NewChange::cancel("demo", "gone", datetime!(2026-09-20 0:00 UTC)),
+        )
+        .await
+        .expect("cancel");
     let api = std::sync::Arc::new(tally_rater::http::Api::new(&config, plans.clone()));
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let (addr, server) = tally_rater::http::serve("127.0.0.1:0", api, stop)
@@ -645,6 +660,13 @@ async fn the_preview_api_answers_what_a_preview_run_prices() {
         body.contains("no subscription in force at 2026-10-15T00:00:00Z"),
         "{body}"
     );
+    let (status, _, body) = get(
+        addr,
+        "/v1/invoices/preview?customer=gone&at=2026-10-15T00:00:00Z",
+        Some("demo-key"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     // Before the subscription starts, nothing is in force either.
     let (status, _, _) = get(
         addr,
