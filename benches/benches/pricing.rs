@@ -4,9 +4,8 @@
 //! the same invoices as JSON, the least any output of them costs.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tally_bench::rate::usage_of;
+use tally_bench::rate::{billable, usage_of};
 use tally_rater::run::{price, Billable};
-use tally_rater::subscription::SegmentRef;
 use tally_rater::usage::UsageTable;
 use tally_rater::{period_containing, Catalog, Interval};
 use time::macros::datetime;
@@ -31,18 +30,9 @@ fn bench(c: &mut Criterion) {
     let mut usage = UsageTable::new();
     let batch: Vec<Billable> = (0..BATCH)
         .map(|n| {
-            let customer = format!("c{n}");
-            usage.insert((customer.clone(), 0), usage_of(n));
-            Billable {
-                customer,
-                period,
-                segments: vec![SegmentRef {
-                    from: period.start(),
-                    to: period.end(),
-                    plan: "pro".into(),
-                    version: 2,
-                }],
-            }
+            let b = billable(n, period);
+            usage.insert((b.customer.clone(), 0), usage_of(n));
+            b
         })
         .collect();
     let invoices = price(&plans, &batch, &usage).invoices;

@@ -3,7 +3,23 @@
 
 use std::collections::BTreeMap;
 
-use tally_rater::Decimal;
+use tally_rater::run::Billable;
+use tally_rater::subscription::SegmentRef;
+use tally_rater::{Decimal, Period};
+
+/// Customer `n` (`c<n>`) on `pro` v2 for the whole of `period`.
+pub fn billable(n: u64, period: Period) -> Billable {
+    Billable {
+        customer: format!("c{n}"),
+        period,
+        segments: vec![SegmentRef {
+            from: period.start(),
+            to: period.end(),
+            plan: "pro".into(),
+            version: 2,
+        }],
+    }
+}
 
 /// Customer `n`'s usage by meter; `tally-ratebench`'s fill writes the same expressions.
 pub fn usage_of(n: u64) -> BTreeMap<String, Decimal> {

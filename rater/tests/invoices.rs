@@ -20,6 +20,40 @@ fn plans() -> Catalog {
         .expect("plans")
 }
 
+/// A private database holding [`events`], and a usage reader over it.
+async fn usage_database(name: &str) -> (tally_core::config::ClickHouseConfig, UsageReader) {
+    let db = fresh_database(name).await;
+    write(&db, &events()).await;
+    let config = config();
+    let reader = UsageReader::new(&db, config.catalog(), config.validation.max_dimension_chars);
+    (db, reader)
+}
+
+/// Records a subscription from `start`, and its cancel at `cancel` if given.
+async fn subscribe(
+    store: &tally_rater::store::SubscriptionStore,
+    customer: &str,
+    (plan, version): (&str, u32),
+    start: time::OffsetDateTime,
+    cancel: Option<time::OffsetDateTime>,
+) {
+    use tally_rater::subscription::NewChange;
+    let plans = plans();
+    store
+        .record(
+            &plans,
+            NewChange::create("demo", customer, plan, start).version(version),
+        )
+        .await
+        .expect("subscribe");
+    if let Some(at) = cancel {
+        store
+            .record(&plans, NewChange::cancel("demo", customer, at))
+            .await
+            .expect("cancel");
+    }
+}
+
 fn segment(
     from: time::OffsetDateTime,
     to: time::OffsetDateTime,
@@ -36,11 +70,8 @@ fn segment(
 
 #[tokio::test]
 async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
-    let db = fresh_database("invoices").await;
+    let (db, reader) = usage_database("invoices").await;
     let events = events();
-    write(&db, &events).await;
-    let config = config();
-    let reader = UsageReader::new(&db, config.catalog(), config.validation.max_dimension_chars);
     let run = InvoiceRun::new(&db, reader);
     let plans = plans();
 
@@ -257,10 +288,7 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
 
 #[tokio::test]
 async fn final_invoices_reach_the_topic_once_each() {
-    let db = fresh_database("publish").await;
-    write(&db, &events()).await;
-    let config = config();
-    let reader = UsageReader::new(&db, config.catalog(), config.validation.max_dimension_chars);
+    let (db, reader) = usage_database("publish").await;
     let plans = plans();
     let topic = unique("test-invoice-lines");
     let period = period_containing(
@@ -386,10 +414,7 @@ fn lit(s: &str) -> String {
 
 #[tokio::test]
 async fn invoices_stored_whole_before_v8_and_lines_left_by_a_dead_run_read_right() {
-    let db = fresh_database("layouts").await;
-    write(&db, &events()).await;
-    let config = config();
-    let reader = UsageReader::new(&db, config.catalog(), config.validation.max_dimension_chars);
+    let (db, reader) = usage_database("layouts").await;
     let run = InvoiceRun::new(&db, reader);
     let plans = plans();
     let period = period_containing(
@@ -564,39 +589,21 @@ async fn get(
 async fn the_preview_api_answers_what_a_preview_run_prices() {
     use http::StatusCode;
     use tally_rater::store::SubscriptionStore;
-    use tally_rater::subscription::NewChange;
 
-    let db = fresh_database("preview_api").await;
-    write(&db, &events()).await;
+    let (db, reader) = usage_database("preview_api").await;
     let mut config = config();
     config.clickhouse = db.clone();
     let plans = plans();
     let store = SubscriptionStore::new(&db);
-    let start = datetime!(2026-10-01 0:00 UTC);
-    for (customer, plan, version) in [("alpha", "starter", 1), ("beta", "pro", 2)] {
-        store
-            .record(
-                &plans,
-                NewChange::create("demo", customer, plan, start).version(version),
-            )
-            .await
-            .expect("subscribe");
-    }
+    let october = datetime!(2026-10-01 0:00 UTC);
+    subscribe(&store, "alpha", ("starter", 1), october, None).await;
+    subscribe(&store, "beta", ("pro", 2), october, None).await;
     // Cancelled in September: nothing in force in October.
-    store
-        .record(
-            &plans,
-            NewChange::create("demo", "gone", "starter", datetime!(2026-09-01 0:00 UTC)).version(1),
-        )
-        .await
-        .expect("subscribe");
-    store
-        .record(
-            &plans,
-            NewChange::cancel("demo", "gone", datetime!(2026-09-20 0:00 UTC)),
-        )
-        .await
-        .expect("cancel");
+    let (sep1, sep20) = (
+        datetime!(2026-09-01 0:00 UTC),
+        datetime!(2026-09-20 0:00 UTC),
+    );
+    subscribe(&store, "gone", ("starter", 1), sep1, Some(sep20)).await;
     let api = std::sync::Arc::new(tally_rater::http::Api::new(&config, plans.clone()));
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let (addr, server) = tally_rater::http::serve("127.0.0.1:0", api, stop)
@@ -604,7 +611,6 @@ async fn the_preview_api_answers_what_a_preview_run_prices() {
         .expect("listen");
 
     // What a preview run prices for the same customer and instant.
-    let reader = UsageReader::new(&db, config.catalog(), config.validation.max_dimension_chars);
     let run = InvoiceRun::new(&db, reader);
     let at = datetime!(2026-10-15 0:00 UTC);
     for customer in ["alpha", "beta"] {
@@ -700,33 +706,18 @@ async fn the_preview_api_answers_what_a_preview_run_prices() {
 async fn usage_reaching_a_cancelled_subscriptions_last_period_late_is_billed_after_it() {
     use tally_rater::run::billables;
     use tally_rater::store::SubscriptionStore;
-    use tally_rater::subscription::NewChange;
 
-    let db = fresh_database("invoices_churn").await;
-    write(&db, &events()).await;
-    let config = config();
-    let reader = UsageReader::new(&db, config.catalog(), config.validation.max_dimension_chars);
+    let (db, reader) = usage_database("invoices_churn").await;
     let run = InvoiceRun::new(&db, reader);
     let plans = plans();
     let store = SubscriptionStore::new(&db);
     // Both subscribed from September and cancelled on October 20th.
-    for (customer, plan, version) in [("alpha", "starter", 1), ("beta", "pro", 2)] {
-        let start = datetime!(2026-09-01 0:00 UTC);
-        store
-            .record(
-                &plans,
-                NewChange::create("demo", customer, plan, start).version(version),
-            )
-            .await
-            .expect("subscribe");
-        store
-            .record(
-                &plans,
-                NewChange::cancel("demo", customer, datetime!(2026-10-20 0:00 UTC)),
-            )
-            .await
-            .expect("cancel");
-    }
+    let (sep1, oct20) = (
+        datetime!(2026-09-01 0:00 UTC),
+        datetime!(2026-10-20 0:00 UTC),
+    );
+    subscribe(&store, "alpha", ("starter", 1), sep1, Some(oct20)).await;
+    subscribe(&store, "beta", ("pro", 2), sep1, Some(oct20)).await;
     let finalize = |at: time::OffsetDateTime| {
         let (run, store, plans) = (&run, &store, &plans);
         async move {

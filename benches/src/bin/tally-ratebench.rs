@@ -24,7 +24,6 @@ use tally_core::config::ClickHouseConfig;
 use tally_core::Config;
 use tally_rater::run::{billables, price, Billable, InvoiceRun};
 use tally_rater::store::SubscriptionStore;
-use tally_rater::subscription::SegmentRef;
 use tally_rater::usage::{UsageReader, UsageTable};
 use tally_rater::{period_containing, Catalog, Decimal, Interval};
 use time::macros::datetime;
@@ -206,18 +205,9 @@ async fn main() -> anyhow::Result<()> {
             let batch = chunk
                 .iter()
                 .map(|&n| {
-                    let customer = format!("c{n}");
-                    usage.insert((customer.clone(), 0), tally_bench::rate::usage_of(n));
-                    Billable {
-                        customer,
-                        period,
-                        segments: vec![SegmentRef {
-                            from: period.start(),
-                            to: period.end(),
-                            plan: "pro".into(),
-                            version: 2,
-                        }],
-                    }
+                    let b = tally_bench::rate::billable(n, period);
+                    usage.insert((b.customer.clone(), 0), tally_bench::rate::usage_of(n));
+                    b
                 })
                 .collect();
             (batch, usage)
