@@ -144,6 +144,17 @@ show_logs() {
     ((shown)) || warn "($svc wrote no log)"
 }
 
+# Pids of the service's servers (started by any checkout's stack, which runs each one in its
+# state folder) whose working folder has been deleted.
+orphan_pids() {
+    local pid cwd
+    for pid in $(pgrep -f -- "$(svc_cmd_pattern "$1")"); do
+        cwd="$(readlink "/proc/$pid/cwd" 2>/dev/null)" || continue
+        [[ "$cwd" == *" (deleted)" && "$cwd" == */.stack/"$1"* ]] && printf '%s\n' "$pid"
+    done
+    return 0
+}
+
 # Waits until the service answers; fails early if its process died.
 wait_ready() {
     local svc="$1" pid="$2" deadline=$((SECONDS + START_TIMEOUT))
@@ -319,10 +330,24 @@ start_service() {
         say "$svc: pid $pid is wedged; restarting it"
         stop_pid "$svc" "$pid"
     elif svc_probe "$svc"; then
-        # E.g. CI's fresh clone while the developer's stack still runs on the same ports:
-        # the probe spoke the service's own protocol, so it is usable; `down` leaves it be.
-        say "$svc: answers at $(svc_address "$svc") but was not started from $STACK; using it as is"
-        return 0
+        local orphans
+        orphans="$(orphan_pids "$svc")"
+        if [[ -z "$orphans" ]]; then
+            # E.g. CI's fresh clone while the developer's stack still runs on the same ports:
+            # the probe spoke the service's own protocol, so it is usable; `down` leaves it be.
+            say "$svc: answers at $(svc_address "$svc") but was not started from $STACK; using it as is"
+            return 0
+        fi
+        # Started from a checkout deleted since: it answers, but its state folder is gone
+        # (ClickHouse then fails every CREATE DATABASE with "File not found"). Nothing of
+        # it can be saved (Redis refuses a clean stop it cannot persist), so kill it.
+        for pid in $orphans; do
+            say "$svc: pid $pid answers but its folder $(readlink "/proc/$pid/cwd") is gone; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+            local deadline=$((SECONDS + STOP_TIMEOUT))
+            while process_alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
+            process_alive "$pid" && die "$svc (pid $pid) survives SIGKILL (stuck in the kernel?)"
+        done
     fi
     check_ports_free "$svc"
     launch "$svc"
