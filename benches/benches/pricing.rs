@@ -1,13 +1,13 @@
 //! The pure pricing loop: a batch of customer-month invoices priced from usage in memory
-//! (`run::price`), the same shape as `tally-ratebench` (plan `pro` v2: a flat fee, four usage
-//! charges, two with graduated tiers, an invoice minimum). Baseline in the same run: writing
+//! (`run::price`), the same as `tally-ratebench`'s (the bench plan: a flat fee, five usage
+//! charges with graduated tiers, an invoice minimum; `tally_bench::rate`). Baseline in the same run: writing
 //! the same invoices as JSON, the least any output of them costs.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tally_bench::rate::{billable, usage_of};
+use tally_bench::rate::{billable, plans, usage_of};
 use tally_rater::run::{price, Billable};
 use tally_rater::usage::UsageTable;
-use tally_rater::{period_containing, Catalog, Interval};
+use tally_rater::{period_containing, Interval};
 use time::macros::datetime;
 
 // Pricing allocates and frees many small strings and vectors per batch; with glibc's
@@ -19,8 +19,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const BATCH: u64 = 10_000;
 
 fn bench(c: &mut Criterion) {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let plans = Catalog::load_dir(root.join("config/plans")).expect("plans");
+    let plans = plans().expect("plans");
     let period = period_containing(
         datetime!(2026-10-01 0:00 UTC),
         Interval::Monthly,

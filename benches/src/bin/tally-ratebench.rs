@@ -1,7 +1,8 @@
 //! `tally-ratebench`: the rater's bench (issue 11).
 //!
-//! Fills a private database on the stack's ClickHouse with N subscriptions to `pro` v2 (a
-//! flat fee and four usage charges, two with graduated tiers) and one hour of rollups per
+//! Fills a private database on the stack's ClickHouse with N subscriptions to the bench's plan
+//! (`benches/plans/bench/v1.toml`: a flat fee and five usage charges, all with graduated
+//! tiers, and an invoice minimum; see `tally_bench::rate`) and one hour of rollups per
 //! customer and meter, then invoices every customer's October twice, in one run:
 //! - baseline: the pure pricing loop (`tally_rater::run::price`) over usage already in
 //!   memory, the same figures the database holds;
@@ -20,12 +21,13 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use tally_bench::rate::{FILL, PLAN, SHAPE};
 use tally_core::config::ClickHouseConfig;
 use tally_core::Config;
 use tally_rater::run::{billables, price, Billable, InvoiceRun};
 use tally_rater::store::SubscriptionStore;
 use tally_rater::usage::{UsageReader, UsageTable};
-use tally_rater::{period_containing, Catalog, Decimal, Interval};
+use tally_rater::{period_containing, Decimal, Interval};
 use time::macros::datetime;
 
 // Pricing allocates and frees many small strings and vectors per batch; with glibc's
@@ -95,36 +97,28 @@ async fn fill(db: &ClickHouseConfig, config: &Config, n: u64) -> anyhow::Result<
         .query(&format!(
             "INSERT INTO subscription_changes SELECT '{TENANT}', concat('c', toString(number)), \
              concat('bench-', toString(number)), 'create', toDateTime('2026-10-01 00:00:00', 'UTC'), \
-             toDateTime('2026-10-01 00:00:00', 'UTC'), 'pro', 2, \
-             toDateTime('2026-10-01 00:00:00', 'UTC'), 'bench', '', '' FROM numbers({n})"
+             toDateTime('2026-10-01 00:00:00', 'UTC'), '{plan}', {version}, \
+             toDateTime('2026-10-01 00:00:00', 'UTC'), 'bench', '', '' FROM numbers({n})",
+            plan = PLAN.0,
+            version = PLAN.1,
         ))
         .execute()
         .await?;
     let catalog = config.catalog();
-    let key = |m: &str| -> anyhow::Result<String> {
-        Ok(catalog.meter(m).context("dev meter")?.storage_key())
-    };
-    // One hourly row per customer and meter; every state column filled, each meter reads its own.
-    for (meter, events, sum, latest) in [
-        ("requests", "100000 + number * 37 % 2000000", "0", "0"),
-        ("tokens", "1", "1000000 + number % 50000000", "0"),
-        (
-            "storage_gb",
-            "1",
-            "0",
-            "toDecimal128(number % 10000, 9) / 100",
-        ),
-        ("active_users", "1", "0", "0"),
-    ] {
+    // One hourly row per customer and meter, each state built from its values as the
+    // aggregator's view builds them.
+    for (meter, events, sum, latest, distinct) in FILL {
+        let key = catalog.meter(meter).context("bench meter")?.storage_key();
         client
             .query(&format!(
-                "INSERT INTO rollups_hourly SELECT '{TENANT}', concat('c', toString(number)), '{k}', \
+                "INSERT INTO rollups_hourly SELECT '{TENANT}', concat('c', toString(number)), '{key}', \
                  toDateTime('2026-10-10 10:00:00', 'UTC'), emptyArrayString(), \
-                 sumState(toUInt64({events})), sumState(toDecimal128({sum}, 9)), \
-                 minState(toDecimal128(0, 9)), maxState(toDecimal128(0, 9)), \
-                 argMaxState(toDecimal128({latest}, 9), toUInt64(1)), \
-                 uniqExactState(toString(number)) FROM numbers({n}) GROUP BY number",
-                k = key(meter)?
+                 arrayReduce('sumState', [toUInt64({events})]), \
+                 arrayReduce('sumState', [toDecimal128({sum}, 9)]), \
+                 arrayReduce('minState', [toDecimal128(0, 9)]), \
+                 arrayReduce('maxState', [toDecimal128(0, 9)]), \
+                 arrayReduce('argMaxState', [toDecimal128({latest}, 9)], [toUInt64(1)]), \
+                 arrayReduce('uniqExactState', {distinct}) FROM numbers({n})"
             ))
             .execute()
             .await?;
@@ -170,10 +164,9 @@ async fn main() -> anyhow::Result<()> {
         println!("{USAGE}");
         return Ok(());
     };
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let config_path = root.join("config/tally.dev.toml");
-    let config = Config::parse(&std::fs::read_to_string(&config_path)?, &config_path)?;
-    let plans = Catalog::load_dir(root.join("config/plans"))?;
+    let root = tally_bench::rate::root();
+    let config = tally_bench::rate::config()?;
+    let plans = tally_bench::rate::plans()?;
     let db = ClickHouseConfig {
         url: std::env::var("TALLY_CLICKHOUSE_URL")
             .unwrap_or_else(|_| "http://127.0.0.1:18123".into()),
@@ -191,7 +184,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "filled {} subscriptions and {} rollup rows in {:.1} s",
         o.customers,
-        o.customers * 4,
+        o.customers * FILL.len() as u64,
         started.elapsed().as_secs_f64()
     );
 
@@ -331,7 +324,7 @@ async fn main() -> anyhow::Result<()> {
     let (p, w) = (median(pure), median(whole));
     let per_million = |d: Duration| d.as_secs_f64() * 1_000_000.0 / o.customers as f64;
     println!(
-        "\n{} customer-month invoices (pro v2: a flat fee, 4 usage charges, 2 graduated), \
+        "\n{} customer-month invoices ({SHAPE}), \
          batches of {}, {} round(s), median:\n  \
          pure pricing loop  {:.2} s ({:.2} s per million)\n  \
          whole run          {:.2} s ({:.2} s per million): {:.1}x the pure loop; target < 10 s per million: {}\n  \
