@@ -250,6 +250,16 @@ pub struct RaterConfig {
     /// (`TALLY_RATER_LISTEN`).
     #[serde(default = "default_rater_listen")]
     pub listen: String,
+    /// How often `tally-rater serve` runs final invoices for every tenant: each customer's
+    /// latest period closed `final_grace_hours` ago or more, if not yet final and published.
+    /// 0 turns the schedule off (final runs then come from `tally-rater invoice --mode
+    /// final`). `TALLY_RATER_FINAL_EVERY_SECS`.
+    #[serde(default = "default_final_every_secs")]
+    pub final_every_secs: u64,
+    /// Hours after a period's end before its final invoice is written: usage of the period
+    /// that arrives later becomes an adjustment on the next invoice.
+    #[serde(default = "default_final_grace_hours")]
+    pub final_grace_hours: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -377,6 +387,12 @@ fn default_no_subscription() -> String {
 }
 fn default_entitlement_topic() -> String {
     "entitlement-changes".into()
+}
+fn default_final_every_secs() -> u64 {
+    3600
+}
+fn default_final_grace_hours() -> u64 {
+    24
 }
 fn default_rater_listen() -> String {
     "127.0.0.1:8703".into()
@@ -536,6 +552,12 @@ impl Config {
         }
         if let Some(v) = get("TALLY_RATER_LISTEN") {
             self.rater.listen = v;
+        }
+        if let Some(v) = get("TALLY_RATER_FINAL_EVERY_SECS") {
+            self.rater.final_every_secs = v.parse().map_err(|_| ConfigError::Env {
+                name: "TALLY_RATER_FINAL_EVERY_SECS",
+                reason: format!("{v:?} is not a whole number of seconds"),
+            })?;
         }
         if let Some(v) = get("TALLY_PLANS") {
             self.quota.plans_dir = v;
@@ -824,5 +846,13 @@ mod tests {
         assert!(c.kafka.idempotence);
         let bad = |k: &str| (k == "TALLY_KAFKA_IDEMPOTENCE").then(|| "yes".to_owned());
         assert!(c.apply_env(bad).is_err());
+
+        assert_eq!(c.rater.final_every_secs, 3600, "hourly by default");
+        let off = |k: &str| (k == "TALLY_RATER_FINAL_EVERY_SECS").then(|| "0".to_owned());
+        c.apply_env(off).expect("0 turns it off");
+        assert_eq!(c.rater.final_every_secs, 0);
+        let bad = |k: &str| (k == "TALLY_RATER_FINAL_EVERY_SECS").then(|| "hourly".to_owned());
+        let e = c.apply_env(bad).expect_err("not a number").to_string();
+        assert!(e.contains("TALLY_RATER_FINAL_EVERY_SECS"), "{e}");
     }
 }

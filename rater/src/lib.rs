@@ -36,6 +36,7 @@ pub mod period;
 pub mod plan;
 pub mod pricing;
 pub mod run;
+pub mod schedule;
 pub mod store;
 pub mod subscription;
 pub mod usage;

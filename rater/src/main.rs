@@ -29,7 +29,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use serde::Serialize;
 use tally_core::Config;
-use tally_rater::run::{billables, Billable, InvoiceRun};
+use tally_rater::run::{billables, closed_billables, Billable, InvoiceRun};
 use tally_rater::store::{Recorded, SubscriptionStore};
 use tally_rater::subscription::{Change, ChangeKind, NewChange, Status};
 use tally_rater::usage::UsageReader;
@@ -61,7 +61,9 @@ usage: tally-rater [--config FILE] [--plans DIR] [--json] COMMAND [FLAGS]
 subscribe, change and cancel also take [--actor A] [--reason R] [--change-id ID].
 invoice prices each subscribed customer's period that contains --at (default now):
 preview stores nothing; final needs the period closed --grace-hours ago (default 24),
-stores each invoice once, and prints what is stored.
+stores each invoice once, and prints what is stored. Without --at, final takes each
+customer's latest period closed that long ago (what `serve` runs every
+rater.final_every_secs).
 migrate-plan moves a plan's subscribers to version N (default: from every older version),
 each at its next billing period (default) or all at TIME; --preview writes nothing. Running
 it again with the same --id resumes it, or says it is done.
@@ -403,7 +405,8 @@ async fn run(args: anyhow::Result<Args>) -> anyhow::Result<()> {
 async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Result<()> {
     let tenant = args.required("tenant")?;
     let now = OffsetDateTime::now_utc();
-    let at = args.time("at")?.unwrap_or(now);
+    let given_at = args.time("at")?;
+    let at = given_at.unwrap_or(now);
     let final_run = match args.get("mode").unwrap_or("preview") {
         "preview" => false,
         "final" => true,
@@ -437,7 +440,13 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
     if final_run {
         run = run.with_publisher(Notifier::new(&config.kafka, &config.rater.invoice_topic)?);
     }
-    let (batches, mut refused) = billables(&store, plans, tenant, at, batch_size).await?;
+    // A final run without --at invoices each customer's latest closed period.
+    let (batches, mut refused) = match given_at {
+        None if final_run => {
+            closed_billables(&store, plans, tenant, now, grace, batch_size).await?
+        }
+        _ => billables(&store, plans, tenant, at, batch_size).await?,
+    };
     let mut header = true;
     let mut print = |inv: &Invoice| {
         if csv {
@@ -511,12 +520,15 @@ async fn serve(config: &Config, plans: Catalog) -> anyhow::Result<()> {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
     }
-    let api = std::sync::Arc::new(tally_rater::http::Api::new(config, plans));
+    let plans = std::sync::Arc::new(plans);
+    let schedule = tally_rater::schedule::Schedule::from_config(config, plans.clone())?;
+    let api = std::sync::Arc::new(tally_rater::http::Api::new(config, (*plans).clone()));
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let (addr, server) = tally_rater::http::serve(&config.rater.listen, api, stop)
+    let (addr, server) = tally_rater::http::serve(&config.rater.listen, api, stop.clone())
         .await
         .with_context(|| format!("listening on {}", config.rater.listen))?;
     tracing::info!(%addr, "rater API listening");
+    let finals = schedule.map(|s| tokio::spawn(s.run(stop)));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
@@ -525,6 +537,9 @@ async fn serve(config: &Config, plans: Catalog) -> anyhow::Result<()> {
     tracing::info!("signal received: finishing in-flight previews");
     let _ = stop_tx.send(true);
     let _ = server.await;
+    if let Some(finals) = finals {
+        let _ = finals.await;
+    }
     tracing::info!("rater API stopped");
     Ok(())
 }

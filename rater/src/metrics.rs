@@ -1,7 +1,7 @@
 //! The rater's Prometheus metrics, declared in one place. Invoice runs count into them
 //! wherever they run; `tally-rater serve` exports them on `/metrics`.
 
-use metrics::{describe_counter, describe_histogram, Unit};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 pub(crate) const INVOICES: &str = "tally_rater_invoices_total";
@@ -9,6 +9,8 @@ pub(crate) const PUBLISHED_LINES: &str = "tally_rater_published_lines_total";
 pub(crate) const BATCH_DURATION: &str = "tally_rater_batch_duration_seconds";
 pub(crate) const PREVIEW_DURATION: &str = "tally_rater_preview_duration_seconds";
 pub(crate) const HTTP_REQUESTS: &str = "tally_rater_http_requests_total";
+pub(crate) const FINAL_RUNS: &str = "tally_rater_scheduled_final_runs_total";
+pub(crate) const FINAL_RUN_LAST_SUCCESS: &str = "tally_rater_scheduled_final_last_success_seconds";
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn prometheus() -> &'static PrometheusHandle {
@@ -35,4 +37,13 @@ fn describe() {
         "Latency of one customer's invoice preview over HTTP"
     );
     describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status");
+    describe_counter!(
+        FINAL_RUNS,
+        "Scheduled final runs of one tenant, by outcome (ok, failed)"
+    );
+    describe_gauge!(
+        FINAL_RUN_LAST_SUCCESS,
+        Unit::Seconds,
+        "Unix time of the last scheduled pass in which every tenant's final run succeeded"
+    );
 }

@@ -106,12 +106,43 @@ pub async fn billables(
     at: OffsetDateTime,
     batch_size: usize,
 ) -> Result<(Vec<Vec<Billable>>, Vec<(String, String)>), RunError> {
+    batched(store, tenant, batch_size, |timeline| {
+        billable(timeline, catalog, at)
+    })
+    .await
+}
+
+/// Like [`billables`], but for each customer's latest period that closed `grace` or more
+/// before `now` (its own anchor and interval): what a final run may invoice at `now`.
+/// Customers with no such period (a first period still open, a subscription cancelled
+/// before the period before the current one) are left out.
+pub async fn closed_billables(
+    store: &SubscriptionStore,
+    catalog: &Catalog,
+    tenant: &str,
+    now: OffsetDateTime,
+    grace: time::Duration,
+    batch_size: usize,
+) -> Result<(Vec<Vec<Billable>>, Vec<(String, String)>), RunError> {
+    batched(store, tenant, batch_size, |timeline| {
+        last_closed(timeline, catalog, now, grace)
+    })
+    .await
+}
+
+/// One streamed read of the tenant's change log, each customer placed by `place`.
+async fn batched(
+    store: &SubscriptionStore,
+    tenant: &str,
+    batch_size: usize,
+    mut place: impl FnMut(&Timeline) -> Option<Result<Billable, (String, String)>>,
+) -> Result<(Vec<Vec<Billable>>, Vec<(String, String)>), RunError> {
     let batch_size = batch_size.max(1);
     let mut batches: Vec<Vec<Billable>> = Vec::new();
     let mut current = Vec::with_capacity(batch_size);
     let mut refused = Vec::new();
     store
-        .timelines(tenant, |timeline| match billable(&timeline, catalog, at) {
+        .timelines(tenant, |timeline| match place(&timeline) {
             None => {}
             Some(Err(refusal)) => refused.push(refusal),
             Some(Ok(b)) => {
@@ -129,6 +160,36 @@ pub async fn billables(
         batches.push(current);
     }
     Ok((batches, refused))
+}
+
+/// One customer's latest period that closed `grace` or more before `now`, placed as
+/// [`billable`] places it; `None` if there is none.
+pub fn last_closed(
+    timeline: &Timeline,
+    catalog: &Catalog,
+    now: OffsetDateTime,
+    grace: time::Duration,
+) -> Option<Result<Billable, (String, String)>> {
+    let cutoff = now - grace;
+    let status = timeline.status(cutoff)?;
+    if status.state == State::Scheduled || status.billing_anchor > cutoff {
+        return None;
+    }
+    let Some(plan) = catalog.version(&status.plan, status.version) else {
+        return Some(Err((
+            status.customer,
+            format!("plan {:?} has no version {}", status.plan, status.version),
+        )));
+    };
+    // The period holding the cutoff ends after it; the one before is the latest closed.
+    let open = match period_containing(status.billing_anchor, plan.interval(), cutoff) {
+        Ok(p) => p,
+        Err(e) => return Some(Err((status.customer, e.to_string()))),
+    };
+    match billable(timeline, catalog, open.start() - time::Duration::NANOSECOND)? {
+        Ok(b) if b.period.end() > cutoff => None,
+        placed => Some(placed),
+    }
 }
 
 /// One customer's billable at `at`, as [`billables`] places it: `None` if no subscription
@@ -189,6 +250,15 @@ pub async fn billable_of(
 ) -> Result<Option<Result<Billable, (String, String)>>, RunError> {
     let changes = store.history(tenant, customer).await?;
     Ok(billable(&Timeline::new(customer, changes), catalog, at))
+}
+
+/// The id of the invoice `b` becomes (see [`invoice_id`]).
+fn billable_id(tenant: &str, b: &Billable) -> String {
+    format!(
+        "{tenant}/{}/{}",
+        b.customer,
+        b.period.start().unix_timestamp()
+    )
 }
 
 /// Counts a priced preview batch.
@@ -483,6 +553,18 @@ pub struct Finalized {
     pub refused: Vec<(String, String)>,
 }
 
+/// What [`InvoiceRun::finalize_closed`] did for one tenant.
+#[derive(Debug, Default)]
+pub struct ClosedRun {
+    /// Closed periods found final already (and published, with a publisher): not read again.
+    pub skipped: usize,
+    pub written: usize,
+    pub already_final: usize,
+    pub published: usize,
+    pub published_lines: usize,
+    pub refused: Vec<(String, String)>,
+}
+
 /// A batch of a final run once its reads are done.
 struct Prepared {
     ids: Vec<String>,
@@ -651,6 +733,86 @@ impl InvoiceRun {
         Ok(())
     }
 
+    /// The final run a schedule makes at `now`: each customer's latest period closed
+    /// `grace` or more before (see [`closed_billables`]), less those already final (and,
+    /// with a publisher, published), which one query of ids finds without reading them back.
+    pub async fn finalize_closed(
+        &self,
+        store: &SubscriptionStore,
+        catalog: &Catalog,
+        tenant: &str,
+        now: OffsetDateTime,
+        grace: time::Duration,
+        batch_size: usize,
+    ) -> Result<ClosedRun, RunError> {
+        let (batches, refused) =
+            closed_billables(store, catalog, tenant, now, grace, batch_size).await?;
+        let done = self.done(tenant, &batches).await?;
+        let mut out = ClosedRun {
+            refused,
+            ..ClosedRun::default()
+        };
+        let batches: Vec<Vec<Billable>> = batches
+            .into_iter()
+            .map(|batch| {
+                let before = batch.len();
+                let left: Vec<Billable> = batch
+                    .into_iter()
+                    .filter(|b| !done.contains(&billable_id(tenant, b)))
+                    .collect();
+                out.skipped += before - left.len();
+                left
+            })
+            .filter(|batch| !batch.is_empty())
+            .collect();
+        self.finalize_all(catalog, tenant, &batches, |f| {
+            out.written += f.written;
+            out.already_final += f.already_final;
+            out.published += f.published;
+            out.published_lines += f.published_lines;
+            out.refused.extend(f.refused);
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Which of the batches' invoices need nothing more: stored and, with a publisher,
+    /// published to its topic (a publication is recorded only once the invoice is stored).
+    async fn done(
+        &self,
+        tenant: &str,
+        batches: &[Vec<Billable>],
+    ) -> Result<HashSet<String>, RunError> {
+        let starts: BTreeSet<i64> = batches
+            .iter()
+            .flatten()
+            .map(|b| b.period.start().unix_timestamp())
+            .collect();
+        if starts.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let starts: Vec<String> = starts.iter().map(i64::to_string).collect();
+        let filter = format!(
+            "tenant = {} AND toInt64(toUInt32(period_start)) IN ({})",
+            string_list([tenant]),
+            starts.join(", ")
+        );
+        let sql = match &self.publisher {
+            Some(p) => format!(
+                "SELECT DISTINCT invoice_id FROM invoice_publications WHERE {filter} AND topic = {}",
+                string_list([p.topic()])
+            ),
+            None => format!("SELECT DISTINCT invoice_id FROM invoices WHERE {filter}"),
+        };
+        Ok(self
+            .client
+            .query_raw(&sql)
+            .fetch_all::<String>()
+            .await?
+            .into_iter()
+            .collect())
+    }
+
     /// A final batch's reads: its stored invoices; the usage of the others; the issued
     /// invoices of the period before and that period's usage now (for adjustments).
     async fn prepare(
@@ -659,16 +821,7 @@ impl InvoiceRun {
         tenant: &str,
         batch: Vec<Billable>,
     ) -> Result<Prepared, RunError> {
-        let ids: Vec<String> = batch
-            .iter()
-            .map(|b| {
-                format!(
-                    "{tenant}/{}/{}",
-                    b.customer,
-                    b.period.start().unix_timestamp()
-                )
-            })
-            .collect();
+        let ids: Vec<String> = batch.iter().map(|b| billable_id(tenant, b)).collect();
         let stored = self.stored(tenant, &ids).await?;
         let pending: Vec<Billable> = batch
             .into_iter()

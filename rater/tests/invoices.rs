@@ -818,3 +818,148 @@ async fn usage_reaching_a_cancelled_subscriptions_last_period_late_is_billed_aft
     assert!(december.iter().all(|d| d.invoices.is_empty()));
     drop_database(&db).await;
 }
+
+#[tokio::test]
+async fn the_schedule_finalizes_each_customers_latest_closed_period_once() {
+    use tally_rater::store::SubscriptionStore;
+
+    let (db, reader) = usage_database("schedule").await;
+    let mut config = config();
+    config.clickhouse = db.clone();
+    config.kafka = kafka();
+    config.rater.invoice_topic = unique("test-scheduled-lines");
+    config.rater.final_grace_hours = 24;
+    let plans = plans();
+    let store = SubscriptionStore::new(&db);
+    // Each on its own anchor: alpha from 1 October, beta from 20 September, it's from
+    // 1 September until cancelled on 10 October.
+    subscribe(
+        &store,
+        "alpha",
+        ("starter", 1),
+        datetime!(2026-10-01 0:00 UTC),
+        None,
+    )
+    .await;
+    subscribe(
+        &store,
+        "beta",
+        ("pro", 2),
+        datetime!(2026-09-20 0:00 UTC),
+        None,
+    )
+    .await;
+    subscribe(
+        &store,
+        "it's",
+        ("pro", 1),
+        datetime!(2026-09-01 0:00 UTC),
+        Some(datetime!(2026-10-10 0:00 UTC)),
+    )
+    .await;
+    let schedule = schedule_of(&config, &plans);
+    let tick = |now| {
+        let schedule = &schedule;
+        async move {
+            let mut out = schedule.tick(now).await;
+            assert_eq!(
+                out.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+                ["demo", "acme", "globex"],
+                "every tenant of the config"
+            );
+            let (_, demo) = out.remove(0);
+            let demo = demo.expect("the run");
+            assert!(demo.refused.is_empty(), "{:?}", demo.refused);
+            (demo.written, demo.skipped, demo.published)
+        }
+    };
+    let stored = || async {
+        tally_aggregator::migrate::client(&db)
+            .query("SELECT customer, toUInt32(period_start) FROM invoices ORDER BY customer, period_start")
+            .fetch_all::<(String, u32)>()
+            .await
+            .expect("invoices")
+            .into_iter()
+            .map(|(c, s)| {
+                let start = time::OffsetDateTime::from_unix_timestamp(s.into()).expect("time");
+                (c, start.date().to_string())
+            })
+            .collect::<Vec<_>>()
+    };
+    let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(c, d)| (c.to_string(), d.to_string()))
+            .collect()
+    };
+
+    // 1 November, noon: alpha's October is not 24 hours closed; beta's period to
+    // 20 October and it's September are.
+    assert_eq!(tick(datetime!(2026-11-01 12:00 UTC)).await, (2, 0, 2));
+    assert_eq!(
+        stored().await,
+        pairs(&[("beta", "2026-09-20"), ("it's", "2026-09-01")])
+    );
+    // 2 November: alpha's October and it's October (to the cancel) are; beta's is final
+    // and published, so it is not read again.
+    assert_eq!(tick(datetime!(2026-11-02 0:00 UTC)).await, (2, 1, 2));
+    assert_eq!(tick(datetime!(2026-11-02 0:00 UTC)).await, (0, 3, 0));
+    // 2 December: alpha's November and beta's period to 20 November. it's has nothing in
+    // force after its cancel, and no usage of October arrived late: nothing to bill.
+    assert_eq!(tick(datetime!(2026-12-02 0:00 UTC)).await, (2, 0, 2));
+    assert_eq!(
+        stored().await,
+        pairs(&[
+            ("alpha", "2026-10-01"),
+            ("alpha", "2026-11-01"),
+            ("beta", "2026-09-20"),
+            ("beta", "2026-10-20"),
+            ("it's", "2026-09-01"),
+            ("it's", "2026-10-01"),
+        ])
+    );
+    // The scheduled invoice is what a final run of that period writes, priced from the
+    // same usage: alpha's October as a preview prices it.
+    let october = period_containing(
+        datetime!(2026-10-01 0:00 UTC),
+        Interval::Monthly,
+        datetime!(2026-10-15 0:00 UTC),
+    )
+    .expect("period");
+    let alpha = Billable {
+        customer: "alpha".into(),
+        period: october,
+        segments: vec![segment(october.start(), october.end(), "starter", 1)],
+    };
+    let run = InvoiceRun::new(&db, reader);
+    let preview = run
+        .preview(&plans, "demo", std::slice::from_ref(&alpha))
+        .await;
+    let stored_alpha = run.finalize(&plans, "demo", &[alpha]).await.expect("final");
+    assert_eq!(stored_alpha.already_final, 1);
+    assert_eq!(
+        jsons(&stored_alpha),
+        vec![serde_json::to_string(&preview.expect("preview").invoices[0]).expect("json")]
+    );
+    assert_eq!(
+        count(&db, "SELECT count() FROM invoice_publications").await,
+        6
+    );
+
+    // Served: the loop ticks at once, and stops when told.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let looped = tokio::spawn(schedule_of(&config, &plans).run(stop));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop_tx.send(true).expect("stop");
+    tokio::time::timeout(std::time::Duration::from_secs(30), looped)
+        .await
+        .expect("the loop stops")
+        .expect("no panic");
+    drop_database(&db).await;
+}
+
+/// The schedule `config` turns on (by default).
+fn schedule_of(config: &tally_core::Config, plans: &Catalog) -> tally_rater::schedule::Schedule {
+    tally_rater::schedule::Schedule::from_config(config, std::sync::Arc::new(plans.clone()))
+        .expect("producer")
+        .expect("on by default")
+}

@@ -709,8 +709,39 @@ async fn cli_invoice_preview_and_final() {
     );
     assert_eq!(json1, json2);
 
-    // The current period is not closed yet; a bad mode is an argument error.
+    // Without --at, a final run takes each customer's latest period closed a day ago or
+    // more: for acme-co, anchored on the 1st, the month before the one 24 hours ago.
     let out = cli(&db, &["invoice", "--tenant", "demo", "--mode", "final"]).await;
+    let (json, stderr) = text(&out);
+    assert!(out.status.success(), "{json}{stderr}");
+    assert!(stderr.contains("1 invoices written"), "{stderr}");
+    let latest: serde_json::Value = serde_json::from_str(json.trim()).expect("one JSON invoice");
+    let day_ago = OffsetDateTime::now_utc() - time::Duration::hours(24);
+    let month_before = day_ago
+        .date()
+        .replace_day(1)
+        .expect("first")
+        .previous_day()
+        .expect("a day")
+        .replace_day(1)
+        .expect("first");
+    assert_eq!(
+        latest["period_start"],
+        format!("{month_before}T00:00:00Z").as_str()
+    );
+    // The current period is not closed yet; a bad mode is an argument error.
+    let now = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("whole second")
+        .format(&Rfc3339)
+        .expect("time");
+    let out = cli(
+        &db,
+        &[
+            "invoice", "--tenant", "demo", "--at", &now, "--mode", "final",
+        ],
+    )
+    .await;
     assert!(
         text(&out).1.contains("period not closed until"),
         "{:?}",
