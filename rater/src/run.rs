@@ -40,7 +40,7 @@ use crate::period::{period_containing, Period};
 use crate::plan::{Catalog, ChargeKind};
 use crate::pricing::TierAmount;
 use crate::store::SubscriptionStore;
-use crate::subscription::{SegmentRef, State, Timeline};
+use crate::subscription::{SegmentRef, State, Status, Timeline};
 use crate::usage::{string_list, UsageError, UsageReader, UsageRequest, UsageTable};
 
 /// Why a run failed. Per-customer pricing errors do not fail the run (see [`Priced`]).
@@ -171,20 +171,11 @@ pub fn last_closed(
     grace: time::Duration,
 ) -> Option<Result<Billable, (String, String)>> {
     let cutoff = now - grace;
-    let status = timeline.status(cutoff)?;
-    if status.state == State::Scheduled || status.billing_anchor > cutoff {
-        return None;
-    }
-    let Some(plan) = catalog.version(&status.plan, status.version) else {
-        return Some(Err((
-            status.customer,
-            format!("plan {:?} has no version {}", status.plan, status.version),
-        )));
-    };
     // The period holding the cutoff ends after it; the one before is the latest closed.
-    let open = match period_containing(status.billing_anchor, plan.interval(), cutoff) {
-        Ok(p) => p,
-        Err(e) => return Some(Err((status.customer, e.to_string()))),
+    let open = match period_at(timeline, catalog, cutoff)? {
+        Ok((status, _)) if status.billing_anchor > cutoff => return None,
+        Ok((_, open)) => open,
+        Err(refusal) => return Some(Err(refusal)),
     };
     match billable(timeline, catalog, open.start() - time::Duration::NANOSECOND)? {
         Ok(b) if b.period.end() > cutoff => None,
@@ -192,14 +183,14 @@ pub fn last_closed(
     }
 }
 
-/// One customer's billable at `at`, as [`billables`] places it: `None` if no subscription
-/// is in force then (none yet, scheduled, or cancelled before that period), or the
-/// customer with the reason it cannot be placed.
-pub fn billable(
+/// The customer's status at `at` and the period of its anchor and plan interval that holds
+/// `at`: `None` with nothing in force yet, the reason when the plan version is unknown or
+/// the period out of range.
+fn period_at(
     timeline: &Timeline,
     catalog: &Catalog,
     at: OffsetDateTime,
-) -> Option<Result<Billable, (String, String)>> {
+) -> Option<Result<(Status, Period), (String, String)>> {
     let status = timeline.status(at)?;
     if status.state == State::Scheduled {
         return None;
@@ -210,24 +201,40 @@ pub fn billable(
             format!("plan {:?} has no version {}", status.plan, status.version),
         )));
     };
-    let period = match period_containing(status.billing_anchor, plan.interval(), at) {
-        Ok(p) if status.state == State::Active || status.since > p.start() => p,
+    Some(
+        match period_containing(status.billing_anchor, plan.interval(), at) {
+            Ok(p) => Ok((status, p)),
+            Err(e) => Err((status.customer, e.to_string())),
+        },
+    )
+}
+
+/// One customer's billable at `at`, as [`billables`] places it: `None` if no subscription
+/// is in force then (none yet, scheduled, or cancelled before that period), or the
+/// customer with the reason it cannot be placed.
+pub fn billable(
+    timeline: &Timeline,
+    catalog: &Catalog,
+    at: OffsetDateTime,
+) -> Option<Result<Billable, (String, String)>> {
+    let (status, period) = match period_at(timeline, catalog, at)? {
+        Ok(placed) => placed,
+        Err(refusal) => return Some(Err(refusal)),
+    };
+    if status.state != State::Active && status.since <= period.start() {
         // Cancelled during the period before: this one has nothing to price, but usage of
         // that period reaching it after its final invoice is billed here (see
         // `price_final`), as it would be on the next invoice of a customer who stayed.
-        Ok(p) => {
-            let before = Period::nth(p.anchor(), p.interval(), p.index() - 1).ok()?;
-            if status.since <= before.start() {
-                return None;
-            }
-            return Some(Ok(Billable {
-                customer: status.customer,
-                period: p,
-                segments: Vec::new(),
-            }));
+        let before = Period::nth(period.anchor(), period.interval(), period.index() - 1).ok()?;
+        if status.since <= before.start() {
+            return None;
         }
-        Err(e) => return Some(Err((status.customer, e.to_string()))),
-    };
+        return Some(Ok(Billable {
+            customer: status.customer,
+            period,
+            segments: Vec::new(),
+        }));
+    }
     let segments = timeline
         .segments(period.start(), period.end())
         .into_iter()
