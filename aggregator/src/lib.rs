@@ -1,6 +1,8 @@
-//! The aggregator stage. So far: the versioned ClickHouse schema it writes into.
+//! The aggregator stage: Kafka records into exact hourly rollups and raw events in
+//! ClickHouse, the usage API over them, and the schema they live in.
 
 pub mod http;
+pub mod ledger;
 pub mod metrics;
 pub mod migrate;
 pub mod query;

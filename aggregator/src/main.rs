@@ -17,6 +17,11 @@ use anyhow::Context;
 use tally_aggregator::{http, migrate, service};
 use tally_core::Config;
 
+// The consumer thread allocates and frees a batch's maps and buffers at every flush; glibc's
+// allocator hands that heap back to the kernel and faults it in again (as in the rater).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str =
     "usage: tally-aggregator run|migrate [--config FILE] | rebuild --meter KEY [--config FILE]";
 

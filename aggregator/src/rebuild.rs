@@ -12,6 +12,7 @@ use std::borrow::Cow;
 use tally_core::{Catalog, Meter};
 use time::OffsetDateTime;
 
+use crate::ledger::Body;
 use crate::rollup::{coverage_row, Dedupe, Event, Meters, Outcome, PartitionBatch};
 use crate::store::{RawEvent, Result, Store};
 
@@ -85,10 +86,10 @@ pub async fn rebuild(
                         Outcome::Duplicate => {}
                     }
                 }
-                let mut rows = Vec::new();
-                batch.rollup_rows(&mut rows);
+                let mut body = Body::default();
+                batch.encode_rollups(&mut body);
                 let now = OffsetDateTime::now_utc().unix_timestamp() as u32;
-                rows.push(coverage_row(
+                body.push(coverage_row(
                     topic,
                     &storage_key,
                     partition,
@@ -96,8 +97,9 @@ pub async fn rebuild(
                     "rebuild",
                     now,
                 ));
-                store.insert(&rows).await?;
-                report.rows += rows.len();
+                let rows = body.rows();
+                store.insert_body(body).await?;
+                report.rows += rows;
                 report.ranges += 1;
                 start = stop + 1;
             }

@@ -6,49 +6,18 @@
 //! ids already in the batch; they only move the offset. Nothing here touches the network.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use serde::{Deserialize, Serialize};
+use hashbrown::{Equivalent, HashMap};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use tally_core::event::record_key;
 use tally_core::{Aggregation, Catalog, EventData, MeterValue, Quantity};
 use time::OffsetDateTime;
 
-/// Row kinds of `ingest_ledger` (see `schemas/clickhouse/V2__rollups.sql`).
-pub const KIND_EVENT: u8 = 1;
-pub const KIND_ROLLUP: u8 = 2;
-pub const KIND_CHECKPOINT: u8 = 3;
-pub const KIND_COVERAGE: u8 = 4;
-
-/// One row of the single insert a flush makes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, clickhouse::Row, Serialize)]
-pub struct LedgerRow {
-    pub kind: u8,
-    pub tenant: String,
-    pub customer: String,
-    pub id: String,
-    #[serde(rename = "type")]
-    pub event_type: String,
-    pub time: u32,
-    pub time_nanos: u32,
-    pub received_at: u32,
-    pub source: String,
-    pub data: String,
-    pub topic: String,
-    pub kafka_partition: u32,
-    pub kafka_offset: u64,
-    pub meter: String,
-    pub hour: u32,
-    pub dim_values: Vec<String>,
-    pub d_count: u64,
-    pub d_sum: i128,
-    pub d_min: i128,
-    pub d_max: i128,
-    pub d_latest: i128,
-    pub d_latest_at: u64,
-    pub d_unique: String,
-}
+pub use crate::ledger::{
+    Body, LedgerRow, RowRef, KIND_CHECKPOINT, KIND_COVERAGE, KIND_EVENT, KIND_ROLLUP,
+};
 
 /// A record the aggregator cannot count, bound for the dead-letter topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +29,9 @@ pub struct Poison {
 
 /// A 128-bit fingerprint of an event's identity, (tenant, customer, event id): collisions
 /// are out of reach at any volume this state holds, and it costs 16 bytes instead of the
-/// strings.
+/// strings. It is seeded at random per process: the state is always rebuilt from the stored
+/// strings (`Store::load_dedupe`), never kept or compared across processes, so nobody who
+/// picks event ids can aim at another event's fingerprint without knowing the seed.
 ///
 /// The customer is part of it because records are keyed (and partitioned) by tenant and
 /// customer: a retry always lands in the partition of its first copy, but two customers who
@@ -69,17 +40,32 @@ pub struct Poison {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EventKey(u128);
 
+static SEED: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0x7a11_u64)
+});
+
 impl EventKey {
+    /// XXH3's 128-bit hash of the three fields, each preceded by its length (so no two
+    /// different triples are the same bytes), under the process's seed. One pass over about
+    /// 60 bytes, where two SipHash passes cost a tenth of the consumer thread.
     pub fn new(tenant: &str, customer: &str, id: &str) -> EventKey {
-        let half = |salt: u8| {
-            let mut h = std::hash::DefaultHasher::new();
-            salt.hash(&mut h);
-            tenant.hash(&mut h);
-            customer.hash(&mut h);
-            id.hash(&mut h);
-            h.finish()
+        let len = 24 + tenant.len() + customer.len() + id.len();
+        let mut stack = [0u8; 256];
+        let mut heap = Vec::new();
+        let buf: &mut [u8] = if len <= stack.len() {
+            &mut stack[..len]
+        } else {
+            heap.resize(len, 0);
+            &mut heap[..]
         };
-        EventKey((u128::from(half(1)) << 64) | u128::from(half(2)))
+        let mut at = 0;
+        for part in [tenant, customer, id] {
+            buf[at..at + 8].copy_from_slice(&(part.len() as u64).to_le_bytes());
+            buf[at + 8..at + 8 + part.len()].copy_from_slice(part.as_bytes());
+            at += 8 + part.len();
+        }
+        EventKey(xxhash_rust::xxh3::xxh3_128_with_seed(buf, *SEED))
     }
 }
 
@@ -112,13 +98,75 @@ impl Dedupe {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A rollup row's identity. Looked up as a [`GroupRef`] borrowed from the record, so an
+/// event whose hour and dimensions already have a row allocates nothing for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct GroupKey {
     tenant: String,
     customer: String,
     meter: String,
     hour: u32,
     dims: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Hash)]
+struct GroupRef<'a> {
+    tenant: &'a str,
+    customer: &'a str,
+    meter: &'a str,
+    hour: u32,
+    dims: &'a [String],
+}
+
+impl GroupKey {
+    fn as_ref(&self) -> GroupRef<'_> {
+        GroupRef {
+            tenant: &self.tenant,
+            customer: &self.customer,
+            meter: &self.meter,
+            hour: self.hour,
+            dims: &self.dims,
+        }
+    }
+}
+
+impl GroupRef<'_> {
+    fn to_owned(self) -> GroupKey {
+        GroupKey {
+            tenant: self.tenant.to_owned(),
+            customer: self.customer.to_owned(),
+            meter: self.meter.to_owned(),
+            hour: self.hour,
+            dims: self.dims.to_vec(),
+        }
+    }
+}
+
+/// Hashes exactly as its [`GroupRef`] does, as [`Equivalent`] lookups require.
+impl Hash for GroupKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.as_ref().hash(h);
+    }
+}
+
+impl Equivalent<GroupKey> for GroupRef<'_> {
+    fn equivalent(&self, k: &GroupKey) -> bool {
+        self.hour == k.hour
+            && self.customer == k.customer
+            && self.meter == k.meter
+            && self.tenant == k.tenant
+            && self.dims == k.dims.as_slice()
+    }
+}
+
+/// A distinct value of a UNIQUE_COUNT meter within a group; hashes as `(GroupKey, String)`.
+#[derive(Debug, Clone, Copy, Hash)]
+struct UniqueRef<'a>(GroupRef<'a>, &'a str);
+
+impl Equivalent<(GroupKey, String)> for UniqueRef<'_> {
+    fn equivalent(&self, k: &(GroupKey, String)) -> bool {
+        self.1 == k.1 && self.0.equivalent(&k.0)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,7 +226,10 @@ pub enum Outcome {
 /// One partition's contribution since its last flush.
 #[derive(Debug, Default)]
 pub struct PartitionBatch {
-    events: Vec<LedgerRow>,
+    /// The new events' ledger rows, already in RowBinary (see [`crate::ledger`]).
+    events: Vec<u8>,
+    /// How many rows `events` holds.
+    event_rows: usize,
     groups: HashMap<GroupKey, Acc>,
     uniques: HashMap<(GroupKey, String), u64>,
     /// Ids counted in this batch, with their receipt time, for the dedupe state.
@@ -262,44 +313,77 @@ impl PartitionBatch {
             .received_at
             .unix_timestamp()
             .clamp(0, i64::from(u32::MAX)) as u32;
-        for (meter, m) in measured {
-            let group = GroupKey {
-                tenant: record.tenant.to_string(),
-                customer: record.customer.to_string(),
-                meter: meters.storage_key(&meter.key).to_owned(),
+        fn group_of<'a>(
+            record: &'a Event<'_>,
+            meter: &'a str,
+            hour: u32,
+            dims: &'a [String],
+        ) -> GroupRef<'a> {
+            GroupRef {
+                tenant: &record.tenant,
+                customer: &record.customer,
+                meter,
                 hour,
-                dims: m.dimensions,
-            };
-            match (meter.aggregation, m.value) {
+                dims,
+            }
+        }
+        // Checked before anything is added, so a refused event leaves no partial trace.
+        for (meter, m) in &measured {
+            if let MeterValue::Number(q) = &m.value {
+                if meter.aggregation == Aggregation::UniqueCount {
+                    continue;
+                }
+                let before = self
+                    .groups
+                    .get(&group_of(
+                        &record,
+                        meters.storage_key(&meter.key),
+                        hour,
+                        &m.dimensions,
+                    ))
+                    .map_or(0, |a| a.sum);
+                if before
+                    .checked_add(q.nanos())
+                    .and_then(Quantity::from_nanos)
+                    .is_none()
+                {
+                    return Outcome::Poison(Poison {
+                        reason: "overflow",
+                        detail: format!("meter {}: hourly sum out of Decimal(38, 9)", meter.key),
+                    });
+                }
+            }
+        }
+        for (meter, m) in &measured {
+            let group = group_of(&record, meters.storage_key(&meter.key), hour, &m.dimensions);
+            match (meter.aggregation, &m.value) {
                 (Aggregation::UniqueCount, MeterValue::Identifier(v)) => {
-                    *self.uniques.entry((group, v)).or_default() += 1;
+                    let key = UniqueRef(group, v);
+                    match self.uniques.get_mut(&key) {
+                        Some(n) => *n += 1,
+                        None => {
+                            self.uniques.insert((group.to_owned(), v.clone()), 1);
+                        }
+                    }
                 }
                 (_, value) => {
                     let n = match value {
                         MeterValue::Number(q) => q.nanos(),
                         _ => 0,
                     };
-                    let acc = self.groups.entry(group).or_insert(Acc {
-                        count: 0,
-                        sum: 0,
-                        min: n,
-                        max: n,
-                        latest: n,
-                        latest_at: at_nanos,
-                    });
-                    acc.count += 1;
-                    acc.sum = match acc.sum.checked_add(n).and_then(Quantity::from_nanos) {
-                        Some(s) => s.nanos(),
-                        None => {
-                            return Outcome::Poison(Poison {
-                                reason: "overflow",
-                                detail: format!(
-                                    "meter {}: hourly sum out of Decimal(38, 9)",
-                                    meter.key
-                                ),
-                            })
-                        }
+                    let acc = match self.groups.get_mut(&group) {
+                        Some(acc) => acc,
+                        None => self.groups.entry(group.to_owned()).or_insert(Acc {
+                            count: 0,
+                            sum: 0,
+                            min: n,
+                            max: n,
+                            latest: n,
+                            latest_at: at_nanos,
+                        }),
                     };
+                    acc.count += 1;
+                    acc.sum += n; // checked above
                     acc.min = acc.min.min(n);
                     acc.max = acc.max.max(n);
                     // Ties on event time keep the later record: deterministic within a
@@ -312,39 +396,67 @@ impl PartitionBatch {
             }
         }
         self.new_keys.insert(event_key, received_at);
-        self.events.push(LedgerRow {
+        RowRef {
             kind: KIND_EVENT,
-            tenant: record.tenant.into_owned(),
-            customer: record.customer.into_owned(),
-            id: record.id.into_owned(),
-            event_type: record.event_type.into_owned(),
+            tenant: &record.tenant,
+            customer: &record.customer,
+            id: &record.id,
+            event_type: &record.event_type,
             time,
             time_nanos: record.time.nanosecond(),
             received_at,
-            source: record.source.map(Cow::into_owned).unwrap_or_default(),
-            data: record.data.to_owned(),
+            source: record.source.as_deref().unwrap_or_default(),
+            data: record.data,
             kafka_partition: partition as u32,
             kafka_offset: offset as u64,
-            ..LedgerRow::default()
-        });
+            ..RowRef::default()
+        }
+        .encode(&mut self.events);
+        self.event_rows += 1;
         Outcome::Counted
     }
 
-    /// The rows of this batch for the flush insert: new events, rollup deltas, the offset
-    /// range each meter version now covers, and the checkpoint.
-    pub fn rows(
+    /// Moves this batch's rows into a flush's insert: the new events (encoded as they
+    /// came, not copied), rollup deltas, the offset range each meter version now covers,
+    /// and the checkpoint. The batch keeps its offsets and ids for
+    /// [`commit_into`](Self::commit_into) and must not be flushed again (a failed flush
+    /// discards its batches).
+    pub fn take_into(
+        &mut self,
+        meters: &Meters<'_>,
+        topic: &str,
+        partition: i32,
+        now: u32,
+        body: &mut Body,
+    ) {
+        body.append_encoded(std::mem::take(&mut self.events), self.event_rows);
+        self.event_rows = 0;
+        self.encode_rest(meters, topic, partition, now, body);
+    }
+
+    fn encode_rest(
         &self,
         meters: &Meters<'_>,
         topic: &str,
         partition: i32,
         now: u32,
-        out: &mut Vec<LedgerRow>,
+        body: &mut Body,
     ) {
-        out.extend(self.events.iter().cloned());
-        self.rollup_rows(out);
+        self.each_rest(meters, topic, partition, now, |r| body.push(r));
+    }
+
+    fn each_rest(
+        &self,
+        meters: &Meters<'_>,
+        topic: &str,
+        partition: i32,
+        now: u32,
+        mut each: impl FnMut(RowRef<'_>),
+    ) {
+        self.each_rollup(&mut each);
         if let (Some(first), Some(last)) = (self.first_offset, self.last_offset) {
             for meter in meters.catalog.meters() {
-                out.push(coverage_row(
+                each(coverage_row(
                     topic,
                     meters.storage_key(&meter.key),
                     partition,
@@ -353,64 +465,79 @@ impl PartitionBatch {
                     now,
                 ));
             }
-            out.push(LedgerRow {
+            each(RowRef {
                 kind: KIND_CHECKPOINT,
-                topic: topic.to_owned(),
+                topic,
                 kafka_partition: partition as u32,
                 kafka_offset: last as u64,
                 received_at: now,
-                ..LedgerRow::default()
+                ..RowRef::default()
             });
         }
     }
 
-    /// As [`rows`](Self::rows), moving the event rows out instead of copying them: the
-    /// batch keeps its offsets and ids for [`commit_into`](Self::commit_into), and must not
-    /// be flushed again (a failed flush discards its batches).
-    pub fn take_rows(
-        &mut self,
-        meters: &Meters<'_>,
-        topic: &str,
-        partition: i32,
-        now: u32,
-        out: &mut Vec<LedgerRow>,
-    ) {
-        out.append(&mut self.events);
-        self.rows(meters, topic, partition, now, out);
+    /// Only the rollup deltas (what a rebuild writes).
+    pub fn encode_rollups(&self, body: &mut Body) {
+        self.each_rollup(|r| body.push(r));
     }
 
-    /// Only the rollup deltas (what a rebuild writes).
-    pub fn rollup_rows(&self, out: &mut Vec<LedgerRow>) {
+    /// The rollup deltas as owned rows (for tests and tools).
+    pub fn rollup_rows(&self) -> Vec<LedgerRow> {
+        let mut rows = Vec::new();
+        self.each_rollup(|r| rows.push(r.to_row()));
+        rows
+    }
+
+    fn each_rollup(&self, mut each: impl FnMut(RowRef<'_>)) {
         for (g, a) in &self.groups {
-            out.push(LedgerRow {
+            each(RowRef {
                 kind: KIND_ROLLUP,
-                tenant: g.tenant.clone(),
-                customer: g.customer.clone(),
-                meter: g.meter.clone(),
+                tenant: &g.tenant,
+                customer: &g.customer,
+                meter: &g.meter,
                 hour: g.hour,
-                dim_values: g.dims.clone(),
+                dim_values: &g.dims,
                 d_count: a.count,
                 d_sum: a.sum,
                 d_min: a.min,
                 d_max: a.max,
                 d_latest: a.latest,
                 d_latest_at: a.latest_at,
-                ..LedgerRow::default()
+                ..RowRef::default()
             });
         }
         for ((g, value), count) in &self.uniques {
-            out.push(LedgerRow {
+            each(RowRef {
                 kind: KIND_ROLLUP,
-                tenant: g.tenant.clone(),
-                customer: g.customer.clone(),
-                meter: g.meter.clone(),
+                tenant: &g.tenant,
+                customer: &g.customer,
+                meter: &g.meter,
                 hour: g.hour,
-                dim_values: g.dims.clone(),
+                dim_values: &g.dims,
                 d_count: *count,
-                d_unique: value.clone(),
-                ..LedgerRow::default()
+                d_unique: value,
+                ..RowRef::default()
             });
         }
+    }
+
+    /// The new events' rows as they will be sent, and how many.
+    pub fn encoded_events(&self) -> (&[u8], usize) {
+        (&self.events, self.event_rows)
+    }
+
+    /// Every row but the events, decoded back into owned rows (for tests and tools): what
+    /// [`take_into`](Self::take_into) adds after the events.
+    pub fn other_rows(
+        &self,
+        meters: &Meters<'_>,
+        topic: &str,
+        partition: i32,
+        now: u32,
+    ) -> Vec<LedgerRow> {
+        let mut rows = Vec::new();
+        self.each_rest(meters, topic, partition, now, |r| rows.push(r.to_row()));
+        rows
     }
 
     /// After the flush landed: its ids join the partition's dedupe state.
@@ -422,24 +549,24 @@ impl PartitionBatch {
 }
 
 /// A `meter_coverage` row: `meter` counts offsets `range` of `partition` (inclusive).
-pub fn coverage_row(
-    topic: &str,
-    meter: &str,
+pub fn coverage_row<'a>(
+    topic: &'a str,
+    meter: &'a str,
     partition: i32,
     range: (i64, i64),
-    source: &str,
+    source: &'a str,
     now: u32,
-) -> LedgerRow {
-    LedgerRow {
+) -> RowRef<'a> {
+    RowRef {
         kind: KIND_COVERAGE,
-        topic: topic.to_owned(),
-        meter: meter.to_owned(),
+        topic,
+        meter,
         kafka_partition: partition as u32,
         d_count: range.0 as u64,
         kafka_offset: range.1 as u64,
-        source: source.to_owned(),
+        source,
         received_at: now,
-        ..LedgerRow::default()
+        ..RowRef::default()
     }
 }
 
@@ -511,8 +638,15 @@ pub fn decode<'a>(key: Option<&[u8]>, payload: Option<&'a [u8]>) -> Result<Event
         });
     }
     // Retries of one event must share a partition for per-partition dedupe to hold.
-    let expected = record_key(&record.tenant, &record.customer);
-    if key != Some(expected.as_bytes()) {
+    let (tenant, customer) = (record.tenant.as_bytes(), record.customer.as_bytes());
+    let keyed = key.is_some_and(|k| {
+        k.len() == tenant.len() + 1 + customer.len()
+            && k.starts_with(tenant)
+            && k[tenant.len()] == b'/'
+            && k.ends_with(customer)
+    });
+    if !keyed {
+        let expected = record_key(&record.tenant, &record.customer);
         return Err(Poison {
             reason: "key",
             detail: format!("record key must be {expected:?}"),

@@ -11,7 +11,8 @@ use std::time::Duration;
 use clickhouse::Client;
 use tally_core::config::ClickHouseConfig;
 
-use crate::rollup::{Dedupe, EventKey, LedgerRow};
+use crate::ledger::{Body, LedgerRow, COLUMNS};
+use crate::rollup::{Dedupe, EventKey};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -84,16 +85,30 @@ impl Store {
             .map_err(|_| StoreError::Timeout(self.timeout))?
     }
 
-    /// Writes one flush as a single INSERT.
+    /// Writes rows as a single INSERT (see [`Store::insert_body`]).
     pub async fn insert(&self, rows: &[LedgerRow]) -> Result<()> {
+        let mut body = Body::default();
+        for row in rows {
+            body.push(row.as_ref());
+        }
+        self.insert_body(body).await
+    }
+
+    /// Writes one flush as a single INSERT of RowBinary, one block (so one atomic write
+    /// through the ledger's views).
+    pub async fn insert_body(&self, body: Body) -> Result<()> {
+        if body.is_empty() {
+            return Ok(());
+        }
         self.bounded(async {
             let mut insert = self
                 .client
-                .insert::<LedgerRow>("ingest_ledger")
-                .await?
+                .insert_formatted_with(format!(
+                    "INSERT INTO ingest_ledger ({COLUMNS}) FORMAT RowBinary"
+                ))
                 .with_setting("max_insert_block_size", MAX_ROWS_PER_INSERT.to_string());
-            for row in rows {
-                insert.write(row).await?;
+            for chunk in body.into_chunks() {
+                insert.send(bytes::Bytes::from(chunk)).await?;
             }
             insert.end().await?;
             Ok(())

@@ -40,8 +40,7 @@ fn add(b: &mut PartitionBatch, d: &Dedupe, offset: i64, rec: &(Vec<u8>, Vec<u8>)
 }
 
 fn rollups(b: &PartitionBatch) -> Vec<LedgerRow> {
-    let mut rows = Vec::new();
-    b.rollup_rows(&mut rows);
+    let mut rows = b.rollup_rows();
     rows.retain(|r| r.kind == KIND_ROLLUP);
     rows.sort_by(|a, b| {
         (&a.meter, a.hour, &a.dim_values, &a.d_unique).cmp(&(
@@ -225,8 +224,13 @@ fn poison_is_named_and_still_moves_the_offset() {
         (Some(b"demo/c"), Some(b"not json"), "undecodable"),
         (Some(b"demo/c"), None, "empty"),
         (Some(b"demo/other"), Some(&wrong_key), "key"),
+        (Some(b"demo-c"), Some(&wrong_key), "key"),
+        (Some(b"demo/cc"), Some(&wrong_key), "key"),
+        (Some(b"dem/oc"), Some(&wrong_key), "key"),
+        (None, Some(&wrong_key), "key"),
         (Some(b"demo/c"), Some(&bad_value), "invalid"),
     ];
+    let end = cases.len() as u64 - 1;
     for (i, (key, payload, reason)) in cases.into_iter().enumerate() {
         let cat = catalog();
         let meters = Meters::new(&cat, 256);
@@ -235,9 +239,13 @@ fn poison_is_named_and_still_moves_the_offset() {
             other => panic!("case {i}: {other:?}"),
         }
     }
-    let mut rows = Vec::new();
     let cat = catalog();
-    b.rows(&Meters::new(&cat, 256), "topic-a", 3, 7, &mut rows);
+    let rows = b.other_rows(&Meters::new(&cat, 256), "topic-a", 3, 7);
+    assert_eq!(
+        b.encoded_events(),
+        (&[][..], 0),
+        "poison is never an event row"
+    );
     let last = rows.last().expect("checkpoint");
     assert_eq!(
         (
@@ -246,7 +254,7 @@ fn poison_is_named_and_still_moves_the_offset() {
             last.kafka_offset,
             last.topic.as_str()
         ),
-        (KIND_CHECKPOINT, 3, 3, "topic-a")
+        (KIND_CHECKPOINT, 3, end, "topic-a")
     );
     let coverage: Vec<_> = rows
         .iter()
@@ -255,7 +263,7 @@ fn poison_is_named_and_still_moves_the_offset() {
         .collect();
     assert_eq!(
         coverage,
-        vec![(0, 3); cat.meters().len()],
+        vec![(0, end); cat.meters().len()],
         "every meter version covers the batch's range"
     );
     assert_eq!(rows.len(), cat.meters().len() + 1);
@@ -274,16 +282,73 @@ fn events_of_types_no_meter_reads_are_kept_raw() {
         ),
         Outcome::Counted
     );
-    let mut rows = Vec::new();
     let cat = catalog();
-    b.rows(&Meters::new(&cat, 256), "t", 0, 0, &mut rows);
+    let rows = b.other_rows(&Meters::new(&cat, 256), "t", 0, 0);
     let kinds: Vec<_> = rows
         .iter()
         .map(|r| r.kind)
         .filter(|k| *k != KIND_COVERAGE)
         .collect();
-    assert_eq!(kinds, [KIND_EVENT, KIND_CHECKPOINT]);
-    assert_eq!(rows[0].data, r#"{"x":1}"#);
+    assert_eq!(kinds, [KIND_CHECKPOINT]);
+    // The event row, encoded as it was read, is the row the owned encoder writes.
+    let mut want = Vec::new();
+    LedgerRow {
+        kind: KIND_EVENT,
+        tenant: "demo".into(),
+        customer: "c1".into(),
+        id: "m".into(),
+        event_type: "mystery".into(),
+        time: HOUR_10 + 15 * 60,
+        received_at: 1_795_521_600, // 2026-11-24T12:00:00Z
+        data: r#"{"x":1}"#.into(),
+        ..LedgerRow::default()
+    }
+    .encode(&mut want);
+    assert_eq!(b.encoded_events(), (&want[..], 1));
+}
+
+#[test]
+fn an_overflowing_sum_is_refused_whole() {
+    let d = Dedupe::default();
+    let mut b = PartitionBatch::default();
+    // 10^28 tokens fit Decimal(38, 9); twice that within one hour does not.
+    let big: serde_json::Value =
+        serde_json::from_str("10000000000000000000000000000").expect("number");
+    let first = record(
+        "a",
+        "c",
+        "completion",
+        T,
+        json!({"tokens": big, "model": "m"}),
+    );
+    assert_eq!(add(&mut b, &d, 0, &first), Outcome::Counted);
+    let before = rollups(&b);
+    for (i, id) in ["b", "c", "d", "e", "f", "g", "h", "i", "j"]
+        .iter()
+        .enumerate()
+    {
+        let again = record(
+            id,
+            "c",
+            "completion",
+            T,
+            json!({"tokens": big, "model": "m"}),
+        );
+        let outcome = add(&mut b, &d, 1 + i as i64, &again);
+        if i < 8 {
+            assert_eq!(outcome, Outcome::Counted, "{id}");
+            continue;
+        }
+        match outcome {
+            Outcome::Poison(p) => assert_eq!(p.reason, "overflow", "{}", p.detail),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Nine counted, the tenth refused with nothing of it in the batch.
+    let after = rollups(&b);
+    assert_eq!(before.len(), after.len());
+    assert_eq!((after[0].d_count, after[0].d_sum), (9, 9 * 10i128.pow(37)));
+    assert_eq!(b.encoded_events().1, 9);
 }
 
 proptest! {
@@ -301,8 +366,7 @@ proptest! {
         let mut first: HashMap<u8, (u8, u64)> = HashMap::new();
         let mut got: HashMap<(String, u8), i128> = HashMap::new();
         let drain = |b: PartitionBatch, d: &mut Dedupe, got: &mut HashMap<(String, u8), i128>| {
-            let mut rows = Vec::new();
-            b.rollup_rows(&mut rows);
+            let rows = b.rollup_rows();
             for r in rows.iter().filter(|r| r.kind == KIND_ROLLUP) {
                 let model: u8 = r.dim_values[0].parse().expect("model");
                 let key = r.meter.split('@').next().expect("key").to_owned();

@@ -299,10 +299,10 @@ pub async fn write_to_clickhouse(config: &Config, records: &[Vec<u8>]) {
             String::from_utf8_lossy(payload)
         );
     }
-    let mut rows = Vec::new();
-    batch.take_rows(&meters, "usage-events", 0, 1_800_000_000, &mut rows);
+    let mut body = tally_aggregator::ledger::Body::default();
+    batch.take_into(&meters, "usage-events", 0, 1_800_000_000, &mut body);
     tally_aggregator::store::Store::new(&config.clickhouse, Duration::from_secs(30))
-        .insert(&rows)
+        .insert_body(body)
         .await
         .expect("insert");
 }

@@ -127,10 +127,10 @@ pub async fn write(db: &ClickHouseConfig, events: &[Ev]) {
         );
         assert_eq!(outcome, tally_aggregator::rollup::Outcome::Counted, "{e:?}");
     }
-    let mut rows = Vec::new();
-    batch.take_rows(&meters, "usage-events", 0, 1_800_000_000, &mut rows);
+    let mut body = tally_aggregator::ledger::Body::default();
+    batch.take_into(&meters, "usage-events", 0, 1_800_000_000, &mut body);
     Store::new(db, Duration::from_secs(30))
-        .insert(&rows)
+        .insert_body(body)
         .await
         .expect("insert");
 }
