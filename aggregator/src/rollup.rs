@@ -621,10 +621,13 @@ pub fn decode<'a>(key: Option<&[u8]>, payload: Option<&'a [u8]>) -> Result<Event
         reason: "empty",
         detail: "record has no payload".into(),
     })?;
-    let record: Event<'a> = serde_json::from_slice(payload).map_err(|e| Poison {
-        reason: "undecodable",
-        detail: format!("not a usage record: {e}"),
-    })?;
+    let record: Event<'a> = match fast::decode(payload) {
+        Some(record) => record,
+        None => serde_json::from_slice(payload).map_err(|e| Poison {
+            reason: "undecodable",
+            detail: format!("not a usage record: {e}"),
+        })?,
+    };
     if record.v != tally_core::event::RECORD_VERSION {
         return Err(Poison {
             reason: "version",
@@ -655,5 +658,6 @@ pub fn decode<'a>(key: Option<&[u8]>, payload: Option<&'a [u8]>) -> Result<Event
     Ok(record)
 }
 
+mod fast;
 #[cfg(test)]
 mod tests;
