@@ -431,17 +431,6 @@ impl PartitionBatch {
     ) {
         body.append_encoded(std::mem::take(&mut self.events), self.event_rows);
         self.event_rows = 0;
-        self.encode_rest(meters, topic, partition, now, body);
-    }
-
-    fn encode_rest(
-        &self,
-        meters: &Meters<'_>,
-        topic: &str,
-        partition: i32,
-        now: u32,
-        body: &mut Body,
-    ) {
         self.each_rest(meters, topic, partition, now, |r| body.push(r));
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clickhouse::Client;
 use tally_core::config::ClickHouseConfig;
 
-use crate::ledger::{Body, LedgerRow, COLUMNS};
+use crate::ledger::{Body, COLUMNS};
 use crate::rollup::{Dedupe, EventKey};
 
 #[derive(Debug, thiserror::Error)]
@@ -83,15 +83,6 @@ impl Store {
         tokio::time::timeout(self.timeout, f)
             .await
             .map_err(|_| StoreError::Timeout(self.timeout))?
-    }
-
-    /// Writes rows as a single INSERT (see [`Store::insert_body`]).
-    pub async fn insert(&self, rows: &[LedgerRow]) -> Result<()> {
-        let mut body = Body::default();
-        for row in rows {
-            body.push(row.as_ref());
-        }
-        self.insert_body(body).await
     }
 
     /// Writes one flush as a single INSERT of RowBinary, one block (so one atomic write
