@@ -112,6 +112,10 @@ pub struct KafkaConfig {
     /// Interval of the broker health probe (a metadata request).
     #[serde(default = "default_health_interval_ms")]
     pub health_interval_ms: u64,
+    /// Further librdkafka producer properties (`"socket.nagle.disable" = "true"`, say),
+    /// applied after the ones above, so they can override them.
+    #[serde(default)]
+    pub producer: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -192,6 +192,9 @@ pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
         // agree on the partition.
         .set("partitioner", "murmur2_random")
         .set("reconnect.backoff.max.ms", "1000");
+    for (key, value) in &config.producer {
+        client.set(key, value);
+    }
     client
 }
 
@@ -262,4 +265,27 @@ impl EventSink for Arc<KafkaSink> {
 /// Creates the usage topic with its partition count; an existing topic is left as it is.
 pub async fn ensure_topic(config: &KafkaConfig) -> Result<(), KafkaError> {
     tally_service::ensure_topic(config, &config.topic).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::producer_config;
+    use std::path::Path;
+
+    #[test]
+    fn extra_producer_properties_are_applied_last() {
+        let text = "[kafka]\nlinger_ms = 2\n\
+                    producer = { \"socket.nagle.disable\" = \"true\", \"linger.ms\" = \"0\" }\n";
+        let config = tally_core::Config::parse(text, Path::new("x.toml")).expect("parses");
+        let client = producer_config(&config.kafka);
+        assert_eq!(client.get("socket.nagle.disable"), Some("true"));
+        assert_eq!(client.get("linger.ms"), Some("0"));
+        assert_eq!(client.get("acks"), Some("all"));
+
+        let plain = tally_core::Config::parse("", Path::new("x.toml")).expect("parses");
+        assert_eq!(
+            producer_config(&plain.kafka).get("socket.nagle.disable"),
+            None
+        );
+    }
 }
