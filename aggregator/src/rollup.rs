@@ -201,6 +201,22 @@ impl<'a> Meters<'a> {
         }
     }
 
+    /// Most ledger rows one counted record can add to a flush: its event row, and one
+    /// rollup row for each meter of its type (a UNIQUE_COUNT meter's row holds one value).
+    pub fn rows_per_record(&self) -> usize {
+        let mut per_type: HashMap<&str, usize> = HashMap::new();
+        for m in self.catalog.meters() {
+            *per_type.entry(m.event_type.as_str()).or_default() += 1;
+        }
+        1 + per_type.values().copied().max().unwrap_or(0)
+    }
+
+    /// Rows a flush adds beyond its records': a checkpoint per partition and a coverage
+    /// range per partition and meter.
+    pub fn rows_per_partition(&self) -> usize {
+        1 + self.catalog.meters().len()
+    }
+
     fn storage_key<'s>(&'s self, meter: &'s str) -> &'s str {
         self.storage.get(meter).map_or(meter, String::as_str)
     }

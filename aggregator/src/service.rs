@@ -258,6 +258,11 @@ impl Aggregator {
 
         let meters = Meters::new(&self.catalog, self.config.validation.max_dimension_chars);
         let interval = Duration::from_millis(agg.flush_interval_ms);
+        let max_records = flush_records_bound(
+            agg.flush_max_records,
+            meters.rows_per_record(),
+            meters.rows_per_partition() * self.config.kafka.partitions.max(1) as usize,
+        );
         let mut parts: HashMap<i32, Part> = HashMap::new();
         let mut dlq: Dlq = Vec::new();
         let mut pending = 0usize;
@@ -300,7 +305,7 @@ impl Aggregator {
                 None => {}
             }
             let due = oldest_pending.is_some_and(|t| t.elapsed() >= interval);
-            if pending >= agg.flush_max_records || due || (stopping && pending > 0) {
+            if pending >= max_records || due || (stopping && pending > 0) {
                 self.flush(&consumer, &meters, &mut parts, std::mem::take(&mut dlq));
                 pending = 0;
                 oldest_pending = None;
@@ -538,5 +543,32 @@ impl Aggregator {
                 tracing::error!(error = %e, partition, "cannot rewind partition");
             }
         }
+    }
+}
+
+/// The record count that triggers a flush: the configured bound, lowered if needed so that
+/// the flush's rows (each record's event and rollup rows, plus every partition's
+/// checkpoint and coverage rows) stay within one ClickHouse insert block, which is what
+/// makes a flush all-or-nothing.
+fn flush_records_bound(configured: usize, rows_per_record: usize, fixed_rows: usize) -> usize {
+    let room = crate::store::MAX_ROWS_PER_INSERT.saturating_sub(fixed_rows);
+    configured.min(room / rows_per_record.max(1)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flush_records_bound;
+    use crate::store::MAX_ROWS_PER_INSERT;
+
+    #[test]
+    fn a_flush_stays_within_one_insert_block() {
+        // The dev catalog: one meter per event type, 4 meters, 8 partitions.
+        assert_eq!(flush_records_bound(125_000, 2, 8 * 5), 125_000);
+        // Many meters on one type lower the bound below the configured one.
+        let bound = flush_records_bound(250_000, 9, 8 * 12);
+        assert_eq!(bound, (MAX_ROWS_PER_INSERT - 96) / 9);
+        assert!(bound * 9 + 96 <= MAX_ROWS_PER_INSERT);
+        // Never zero, so a flush always makes progress.
+        assert_eq!(flush_records_bound(250_000, 1, MAX_ROWS_PER_INSERT * 2), 1);
     }
 }
