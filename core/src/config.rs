@@ -267,6 +267,11 @@ pub struct RaterConfig {
     /// that arrives later becomes an adjustment on the next invoice.
     #[serde(default = "default_final_grace_hours")]
     pub final_grace_hours: u64,
+    /// Closed periods before each customer's latest one that a scheduled run also
+    /// finalizes when they are not final yet (the rater was down over a period end). Each
+    /// costs one query of invoice ids per tenant and tick.
+    #[serde(default = "default_final_catch_up_periods")]
+    pub final_catch_up_periods: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -400,6 +405,9 @@ fn default_final_every_secs() -> u64 {
 }
 fn default_final_grace_hours() -> u64 {
     24
+}
+fn default_final_catch_up_periods() -> usize {
+    2
 }
 fn default_rater_listen() -> String {
     "127.0.0.1:8703".into()

@@ -63,7 +63,7 @@ invoice prices each subscribed customer's period that contains --at (default now
 preview stores nothing; final needs the period closed --grace-hours ago (default 24),
 stores each invoice once, and prints what is stored. Without --at, final takes each
 customer's latest period closed that long ago (what `serve` runs every
-rater.final_every_secs).
+rater.final_every_secs, with rater.final_catch_up_periods periods before it).
 migrate-plan moves a plan's subscribers to version N (default: from every older version),
 each at its next billing period (default) or all at TIME; --preview writes nothing. Running
 it again with the same --id resumes it, or says it is done.

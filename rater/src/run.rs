@@ -106,10 +106,13 @@ pub async fn billables(
     at: OffsetDateTime,
     batch_size: usize,
 ) -> Result<(Vec<Vec<Billable>>, Vec<(String, String)>), RunError> {
-    batched(store, tenant, batch_size, |timeline| {
-        billable(timeline, catalog, at)
+    let (mut generations, refused) = batched(store, tenant, batch_size, 1, |timeline, out| {
+        if let Some(placed) = billable(timeline, catalog, at) {
+            out.push((0, placed));
+        }
     })
-    .await
+    .await?;
+    Ok((generations.pop().unwrap_or_default(), refused))
 }
 
 /// Like [`billables`], but for each customer's latest period that closed `grace` or more
@@ -124,40 +127,97 @@ pub async fn closed_billables(
     grace: time::Duration,
     batch_size: usize,
 ) -> Result<(Vec<Vec<Billable>>, Vec<(String, String)>), RunError> {
-    batched(store, tenant, batch_size, |timeline| {
-        last_closed(timeline, catalog, now, grace)
+    let (mut generations, refused) =
+        closed_generations(store, catalog, tenant, now, grace, 0, batch_size).await?;
+    Ok((generations.pop().unwrap_or_default(), refused))
+}
+
+/// Like [`closed_billables`], and also up to `catch_up` closed periods before each
+/// customer's latest one, from the same read of the change log: one list of batches per
+/// generation, oldest first (the last list holds the latest closed periods, the one before
+/// the periods just before those, and so on). A customer whose older period cannot be
+/// placed is returned with the reason, once, and nothing older is looked at.
+pub async fn closed_generations(
+    store: &SubscriptionStore,
+    catalog: &Catalog,
+    tenant: &str,
+    now: OffsetDateTime,
+    grace: time::Duration,
+    catch_up: usize,
+    batch_size: usize,
+) -> Result<(Vec<Vec<Vec<Billable>>>, Vec<(String, String)>), RunError> {
+    batched(store, tenant, batch_size, catch_up + 1, |timeline, out| {
+        closed_periods(timeline, catalog, now, grace, catch_up, out)
     })
     .await
 }
 
-/// One streamed read of the tenant's change log, each customer placed by `place`.
+/// Puts into `out` the customer's latest closed period (see [`last_closed`]) as generation
+/// `catch_up`, and each of up to `catch_up` periods before it as the generation below, until
+/// one has nothing in force or cannot be placed.
+pub fn closed_periods(
+    timeline: &Timeline,
+    catalog: &Catalog,
+    now: OffsetDateTime,
+    grace: time::Duration,
+    catch_up: usize,
+    out: &mut Vec<Placed>,
+) {
+    let mut placed = last_closed(timeline, catalog, now, grace);
+    let mut generation = catch_up;
+    while let Some(p) = placed {
+        let before = match &p {
+            Ok(b) if generation > 0 => Some(b.period.start() - time::Duration::NANOSECOND),
+            _ => None,
+        };
+        out.push((generation, p));
+        placed = before.and_then(|at| billable(timeline, catalog, at));
+        generation = generation.saturating_sub(1);
+    }
+}
+
+/// A customer's billable in a generation, or the customer and why it cannot be placed.
+pub type Placed = (usize, Result<Billable, (String, String)>);
+
+/// The batches of each generation, and the customers that could not be placed.
+type Generations = (Vec<Vec<Vec<Billable>>>, Vec<(String, String)>);
+
+/// One streamed read of the tenant's change log; `place` puts each customer's billables
+/// into generations `0..generations`, each generation batched in customer order.
 async fn batched(
     store: &SubscriptionStore,
     tenant: &str,
     batch_size: usize,
-    mut place: impl FnMut(&Timeline) -> Option<Result<Billable, (String, String)>>,
-) -> Result<(Vec<Vec<Billable>>, Vec<(String, String)>), RunError> {
+    generations: usize,
+    mut place: impl FnMut(&Timeline, &mut Vec<Placed>),
+) -> Result<Generations, RunError> {
     let batch_size = batch_size.max(1);
-    let mut batches: Vec<Vec<Billable>> = Vec::new();
-    let mut current = Vec::with_capacity(batch_size);
+    let mut batches: Vec<Vec<Vec<Billable>>> = vec![Vec::new(); generations];
+    let mut current: Vec<Vec<Billable>> = vec![Vec::new(); generations];
     let mut refused = Vec::new();
+    let mut placed = Vec::new();
     store
-        .timelines(tenant, |timeline| match place(&timeline) {
-            None => {}
-            Some(Err(refusal)) => refused.push(refusal),
-            Some(Ok(b)) => {
-                current.push(b);
-                if current.len() == batch_size {
-                    batches.push(std::mem::replace(
-                        &mut current,
-                        Vec::with_capacity(batch_size),
-                    ));
+        .timelines(tenant, |timeline| {
+            placed.clear();
+            place(&timeline, &mut placed);
+            for (generation, p) in placed.drain(..) {
+                match p {
+                    Err(refusal) => refused.push(refusal),
+                    Ok(b) => {
+                        let open = &mut current[generation];
+                        open.push(b);
+                        if open.len() == batch_size {
+                            batches[generation].push(std::mem::take(open));
+                        }
+                    }
                 }
             }
         })
         .await?;
-    if !current.is_empty() {
-        batches.push(current);
+    for (generation, open) in current.into_iter().enumerate() {
+        if !open.is_empty() {
+            batches[generation].push(open);
+        }
     }
     Ok((batches, refused))
 }
@@ -741,8 +801,11 @@ impl InvoiceRun {
     }
 
     /// The final run a schedule makes at `now`: each customer's latest period closed
-    /// `grace` or more before (see [`closed_billables`]), less those already final (and,
-    /// with a publisher, published), which one query of ids finds without reading them back.
+    /// `grace` or more before, and up to `catch_up` periods before it (see
+    /// [`closed_generations`]), oldest first, less those already final (and, with a
+    /// publisher, published), which one query of ids per generation finds without reading
+    /// them back.
+    #[allow(clippy::too_many_arguments)]
     pub async fn finalize_closed(
         &self,
         store: &SubscriptionStore,
@@ -750,36 +813,41 @@ impl InvoiceRun {
         tenant: &str,
         now: OffsetDateTime,
         grace: time::Duration,
+        catch_up: usize,
         batch_size: usize,
     ) -> Result<ClosedRun, RunError> {
-        let (batches, refused) =
-            closed_billables(store, catalog, tenant, now, grace, batch_size).await?;
-        let done = self.done(tenant, &batches).await?;
+        let (generations, refused) =
+            closed_generations(store, catalog, tenant, now, grace, catch_up, batch_size).await?;
         let mut out = ClosedRun {
             refused,
             ..ClosedRun::default()
         };
-        let batches: Vec<Vec<Billable>> = batches
-            .into_iter()
-            .map(|batch| {
-                let before = batch.len();
-                let left: Vec<Billable> = batch
-                    .into_iter()
-                    .filter(|b| !done.contains(&billable_id(tenant, b)))
-                    .collect();
-                out.skipped += before - left.len();
-                left
+        // Oldest first: a final invoice bills the late usage of the invoice before it, so
+        // that one must be issued first.
+        for batches in generations {
+            let done = self.done(tenant, &batches).await?;
+            let batches: Vec<Vec<Billable>> = batches
+                .into_iter()
+                .map(|batch| {
+                    let before = batch.len();
+                    let left: Vec<Billable> = batch
+                        .into_iter()
+                        .filter(|b| !done.contains(&billable_id(tenant, b)))
+                        .collect();
+                    out.skipped += before - left.len();
+                    left
+                })
+                .filter(|batch| !batch.is_empty())
+                .collect();
+            self.finalize_all(catalog, tenant, &batches, |f| {
+                out.written += f.written;
+                out.already_final += f.already_final;
+                out.published += f.published;
+                out.published_lines += f.published_lines;
+                out.refused.extend(f.refused);
             })
-            .filter(|batch| !batch.is_empty())
-            .collect();
-        self.finalize_all(catalog, tenant, &batches, |f| {
-            out.written += f.written;
-            out.already_final += f.already_final;
-            out.published += f.published;
-            out.published_lines += f.published_lines;
-            out.refused.extend(f.refused);
-        })
-        .await?;
+            .await?;
+        }
         Ok(out)
     }
 

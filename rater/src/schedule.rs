@@ -1,14 +1,17 @@
 //! Final invoices on a schedule, inside `tally-rater serve`: every `rater.final_every_secs`
 //! (and once at start), for every tenant of the configuration, each customer's latest
 //! period that closed `rater.final_grace_hours` ago or more is finalized, stored and
-//! published ([`InvoiceRun::finalize_closed`]). Invoices final and published already are
-//! found by one query of ids and not read again, so a tick where nothing closed costs one
-//! read of the change log and that query per tenant.
+//! published ([`InvoiceRun::finalize_closed`]), and so are up to
+//! `rater.final_catch_up_periods` periods before it that are not final yet, oldest first.
+//! Invoices final and published already are found by one query of ids per period
+//! generation and not read again, so a tick where nothing closed costs one read of the
+//! change log and those queries per tenant.
 //!
 //! A tenant whose run fails (ClickHouse or the broker down) is logged, counted, and run
 //! again at the next tick: final runs are idempotent, and one killed midway (or stopped
-//! with the service) is finished by the next. Each run looks one period back, so the
-//! schedule must tick at least once per billing period to miss none.
+//! with the service) is finished by the next. A rater down over several period ends
+//! finalizes the missed periods when it is back, as long as they are within the catch-up;
+//! older ones need `tally-rater invoice --mode final --at`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +37,7 @@ pub struct Schedule {
     tenants: Vec<String>,
     every: Duration,
     grace: time::Duration,
+    catch_up: usize,
 }
 
 impl Schedule {
@@ -55,6 +59,7 @@ impl Schedule {
             tenants: config.tenants.iter().map(|t| t.id.clone()).collect(),
             every: Duration::from_secs(config.rater.final_every_secs),
             grace: time::Duration::hours(config.rater.final_grace_hours as i64),
+            catch_up: config.rater.final_catch_up_periods,
         }))
     }
 
@@ -65,7 +70,15 @@ impl Schedule {
             let started = Instant::now();
             let result = self
                 .run
-                .finalize_closed(&self.store, &self.plans, tenant, now, self.grace, BATCH)
+                .finalize_closed(
+                    &self.store,
+                    &self.plans,
+                    tenant,
+                    now,
+                    self.grace,
+                    self.catch_up,
+                    BATCH,
+                )
                 .await;
             match &result {
                 Ok(r) => {
@@ -104,6 +117,7 @@ impl Schedule {
         tracing::info!(
             every_secs = self.every.as_secs(),
             grace_hours = self.grace.whole_hours(),
+            catch_up_periods = self.catch_up,
             tenants = self.tenants.len(),
             "final invoices on a schedule"
         );

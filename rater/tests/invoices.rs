@@ -899,13 +899,16 @@ async fn the_schedule_finalizes_each_customers_latest_closed_period_once() {
         stored().await,
         pairs(&[("beta", "2026-09-20"), ("it's", "2026-09-01")])
     );
-    // 2 November: alpha's October and it's October (to the cancel) are; beta's is final
-    // and published, so it is not read again.
-    assert_eq!(tick(datetime!(2026-11-02 0:00 UTC)).await, (2, 1, 2));
-    assert_eq!(tick(datetime!(2026-11-02 0:00 UTC)).await, (0, 3, 0));
+    // 2 November: alpha's October and it's October (to the cancel) are; beta's period and
+    // it's September (a period the catch-up looks at again) are final and published, so
+    // they are not read again.
+    assert_eq!(tick(datetime!(2026-11-02 0:00 UTC)).await, (2, 2, 2));
+    assert_eq!(tick(datetime!(2026-11-02 0:00 UTC)).await, (0, 4, 0));
     // 2 December: alpha's November and beta's period to 20 November. it's has nothing in
-    // force after its cancel, and no usage of October arrived late: nothing to bill.
-    assert_eq!(tick(datetime!(2026-12-02 0:00 UTC)).await, (2, 0, 2));
+    // force after its cancel, and no usage of October arrived late: nothing to bill. The
+    // catch-up finds alpha's and it's October, it's September and beta's first period
+    // final.
+    assert_eq!(tick(datetime!(2026-12-02 0:00 UTC)).await, (2, 4, 2));
     assert_eq!(
         stored().await,
         pairs(&[
@@ -954,6 +957,80 @@ async fn the_schedule_finalizes_each_customers_latest_closed_period_once() {
         .await
         .expect("the loop stops")
         .expect("no panic");
+    drop_database(&db).await;
+}
+
+#[tokio::test]
+async fn the_schedule_catches_up_on_periods_that_closed_while_it_was_down() {
+    use tally_rater::store::SubscriptionStore;
+
+    let (db, _reader) = usage_database("catch_up").await;
+    let mut config = config();
+    config.clickhouse = db.clone();
+    config.kafka = kafka();
+    config.rater.invoice_topic = unique("test-catch-up-lines");
+    config.rater.final_grace_hours = 24;
+    assert_eq!(config.rater.final_catch_up_periods, 2, "the default");
+    let plans = plans();
+    let store = SubscriptionStore::new(&db);
+    // Monthly from 1 June; cancelled on 20 October. The rater first runs on 2 November.
+    subscribe(
+        &store,
+        "gamma",
+        ("starter", 1),
+        datetime!(2026-06-01 0:00 UTC),
+        Some(datetime!(2026-10-20 0:00 UTC)),
+    )
+    .await;
+    let stored = || async {
+        tally_aggregator::migrate::client(&db)
+            .query("SELECT toUInt32(period_start) FROM invoices ORDER BY period_start")
+            .fetch_all::<u32>()
+            .await
+            .expect("invoices")
+            .into_iter()
+            .map(|s| {
+                let start = time::OffsetDateTime::from_unix_timestamp(s.into()).expect("time");
+                start.date().to_string()
+            })
+            .collect::<Vec<_>>()
+    };
+    let tick = |config: tally_core::Config| {
+        let plans = plans.clone();
+        async move {
+            let mut out = schedule_of(&config, &plans)
+                .tick(datetime!(2026-11-02 0:00 UTC))
+                .await;
+            let (_, demo) = out.remove(0);
+            let demo = demo.expect("the run");
+            assert!(demo.refused.is_empty(), "{:?}", demo.refused);
+            (demo.written, demo.skipped, demo.published)
+        }
+    };
+
+    // October (to the cancel) is the latest closed period; September and August are the
+    // two before it.
+    assert_eq!(tick(config.clone()).await, (3, 0, 3));
+    assert_eq!(stored().await, ["2026-08-01", "2026-09-01", "2026-10-01"]);
+    assert_eq!(tick(config.clone()).await, (0, 3, 0));
+    // A longer catch-up reaches back to June, where the subscription starts, and no
+    // further.
+    config.rater.final_catch_up_periods = 12;
+    assert_eq!(tick(config.clone()).await, (2, 3, 2));
+    assert_eq!(
+        stored().await,
+        [
+            "2026-06-01",
+            "2026-07-01",
+            "2026-08-01",
+            "2026-09-01",
+            "2026-10-01"
+        ]
+    );
+    assert_eq!(
+        count(&db, "SELECT count() FROM invoice_publications").await,
+        5
+    );
     drop_database(&db).await;
 }
 
