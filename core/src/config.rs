@@ -113,10 +113,25 @@ pub struct KafkaConfig {
     #[serde(default = "default_health_interval_ms")]
     pub health_interval_ms: u64,
     /// Further librdkafka producer properties (`"socket.nagle.disable" = "true"`, say),
-    /// applied after the ones above, so they can override them.
+    /// applied after the ones above, so they can override them; except the ones the
+    /// collector's guarantees rest on (`PINNED_PRODUCER_PROPERTIES`).
     #[serde(default)]
     pub producer: std::collections::BTreeMap<String, String>,
 }
+
+/// Producer properties `kafka.producer` may not set, and why.
+const PINNED_PRODUCER_PROPERTIES: &[(&str, &str)] = &[
+    ("acks", "an accepted event is one all in-sync replicas hold"),
+    (
+        "request.required.acks",
+        "an accepted event is one all in-sync replicas hold",
+    ),
+    ("enable.idempotence", "use kafka.idempotence"),
+    (
+        "partitioner",
+        "every retry of an event must reach the same partition, where its id is deduplicated",
+    ),
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -592,6 +607,11 @@ impl Config {
         if self.kafka.partitions < 1 {
             return Err("kafka.partitions: must be at least 1".into());
         }
+        for (key, why) in PINNED_PRODUCER_PROPERTIES {
+            if self.kafka.producer.contains_key(*key) {
+                return Err(format!("kafka.producer: {key:?} cannot be set here: {why}"));
+            }
+        }
         if self.aggregator.dedupe_window_secs < self.validation.allowed_lateness_secs {
             return Err(
                 "aggregator.dedupe_window_secs: must cover validation.allowed_lateness_secs".into(),
@@ -786,6 +806,26 @@ mod tests {
         assert!(config.tenants().authenticate("demo-key ").is_none());
         let keys: Vec<_> = config.meters.iter().map(|m| m.key.as_str()).collect();
         assert_eq!(keys, ["requests", "tokens", "storage_gb", "active_users"]);
+    }
+
+    #[test]
+    fn producer_properties_the_guarantees_rest_on_are_refused() {
+        let text = "[kafka]\nproducer = { \"socket.nagle.disable\" = \"true\" }\n";
+        assert!(Config::parse(text, Path::new("x.toml")).is_ok());
+        for key in [
+            "acks",
+            "request.required.acks",
+            "enable.idempotence",
+            "partitioner",
+        ] {
+            let text = format!("[kafka]\nproducer = {{ {key:?} = \"1\" }}\n");
+            let e = Config::parse(&text, Path::new("x.toml")).expect_err(key);
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with(&format!("x.toml: kafka.producer: {key:?} cannot be set")),
+                "{msg}"
+            );
+        }
     }
 
     #[test]
