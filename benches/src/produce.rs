@@ -1,25 +1,108 @@
 //! The batched baseline: a bare rdkafka producer sending the collector's records with the
 //! collector's producer settings, many in flight at once.
+//!
+//! It tracks deliveries the way the collector does, with no per-record future: a
+//! `ThreadedProducer` whose delivery callback counts reports into atomics, so the figure
+//! compares the collector with librdkafka's own rate, not with a heavier client.
 
-use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
 use tally_core::config::KafkaConfig;
+use tokio::sync::Notify;
 
 use crate::events::Payload;
+
+/// Delivery reports, counted by the producer's polling thread.
+#[derive(Debug, Default)]
+pub struct Reports {
+    delivered: AtomicUsize,
+    errors: AtomicUsize,
+    first_error: Mutex<Option<String>>,
+    /// Set while the sending loop waits for room; each report then wakes it.
+    waiting: AtomicBool,
+    room: Notify,
+}
+
+impl Reports {
+    fn settled(&self) -> usize {
+        self.delivered.load(Ordering::SeqCst) + self.errors.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at most `limit` of `sent` records are still unreported.
+    async fn wait_until(&self, sent: usize, limit: usize) {
+        while sent - self.settled() > limit {
+            self.waiting.store(true, Ordering::SeqCst);
+            if sent - self.settled() > limit {
+                self.room.notified().await;
+            }
+            self.waiting.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The baseline producer's context: counts reports, logs nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Counting(pub Arc<Reports>);
+
+impl ClientContext for Counting {}
+
+impl ProducerContext for Counting {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let r = &self.0;
+        match result {
+            Ok(_) => {
+                r.delivered.fetch_add(1, Ordering::SeqCst);
+            }
+            Err((e, _)) => {
+                r.first_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(|| e.to_string());
+                r.errors.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        // Every order here is SeqCst: with the sender's store of `waiting` and its load of
+        // the counts, one of the two sides always sees the other.
+        if r.waiting.load(Ordering::SeqCst) {
+            r.room.notify_one();
+        }
+    }
+}
+
+/// The baseline producer.
+pub type Producer = ThreadedProducer<Counting>;
 
 /// A producer with the collector's own settings (`tally_ingest::kafka::producer_config`),
 /// except that idempotence is always off: tansu 0.6.0 wedges after an idempotent send
 /// times out (shared/BROKER.md).
-pub fn producer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<FutureProducer> {
+pub fn producer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<Producer> {
+    tally_ingest::kafka::producer_config(config)
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "false")
+        .create_with_context(Counting::default())
+        .context("creating the baseline producer")
+}
+
+/// The same settings as a `FutureProducer`, for callers that need each record's offset.
+pub fn future_producer(
+    config: &KafkaConfig,
+    brokers: &str,
+) -> anyhow::Result<rdkafka::producer::FutureProducer> {
     tally_ingest::kafka::producer_config(config)
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "false")
         .create()
-        .context("creating the baseline producer")
+        .context("creating a producer")
 }
 
 /// What a produce run achieved.
@@ -38,66 +121,65 @@ impl ProduceResult {
 }
 
 /// Sends `total` records, cycling through `payloads`, keeping up to `window` in flight
-/// (enqueued, report not yet awaited); stops enqueueing after `max_time`. The rate counts
+/// (enqueued, not yet reported); stops enqueueing after `max_time`. The rate counts
 /// acknowledged records only.
 pub async fn produce(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     payloads: &[Payload],
     total: usize,
     window: usize,
     max_time: Duration,
 ) -> ProduceResult {
-    let mut result = ProduceResult::default();
-    let mut in_flight: VecDeque<DeliveryFuture> = VecDeque::with_capacity(window);
+    let reports = producer.client().context().0.clone();
+    let (delivered0, errors0) = (
+        reports.delivered.load(Ordering::SeqCst),
+        reports.errors.load(Ordering::SeqCst),
+    );
+    let base = delivered0 + errors0;
+    let window = window.max(1);
+    let mut sent = base;
+    let mut refused = 0;
+    let mut first_refusal = None;
     let started = Instant::now();
     let stop_at = started + max_time;
     for p in payloads.iter().cycle().take(total) {
         if Instant::now() >= stop_at {
             break;
         }
-        if in_flight.len() >= window.max(1) {
-            settle(in_flight.pop_front(), &mut result).await;
-        }
+        reports.wait_until(sent, window - 1).await;
         loop {
-            let record = FutureRecord::to(topic).key(&p.key).payload(&p.value);
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    in_flight.push_back(delivery);
+            let record = BaseRecord::to(topic).key(&p.key).payload(&p.value);
+            match producer.send(record) {
+                Ok(()) => {
+                    sent += 1;
                     break;
                 }
                 // Only reachable with a window above the queue bound: wait for room.
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
-                    if !in_flight.is_empty() =>
+                    if sent > reports.settled() =>
                 {
-                    settle(in_flight.pop_front(), &mut result).await;
+                    reports.wait_until(sent, sent - reports.settled() - 1).await;
                 }
                 Err((e, _)) => {
-                    result.errors += 1;
-                    result.first_error.get_or_insert(e.to_string());
+                    refused += 1;
+                    first_refusal.get_or_insert(e.to_string());
                     break;
                 }
             }
         }
     }
-    while let Some(d) = in_flight.pop_front() {
-        settle(Some(d), &mut result).await;
-    }
-    result.elapsed = started.elapsed();
-    result
-}
-
-async fn settle(delivery: Option<DeliveryFuture>, result: &mut ProduceResult) {
-    let Some(delivery) = delivery else { return };
-    match delivery.await {
-        Ok(Ok(_)) => result.delivered += 1,
-        Ok(Err((e, _))) => {
-            result.errors += 1;
-            result.first_error.get_or_insert(e.to_string());
-        }
-        Err(_) => {
-            result.errors += 1;
-            result.first_error.get_or_insert("delivery canceled".into());
-        }
+    reports.wait_until(sent, 0).await;
+    let elapsed = started.elapsed();
+    let first_error = reports
+        .first_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    ProduceResult {
+        delivered: reports.delivered.load(Ordering::SeqCst) - delivered0,
+        errors: reports.errors.load(Ordering::SeqCst) - errors0 + refused,
+        first_error: first_refusal.or(first_error),
+        elapsed,
     }
 }

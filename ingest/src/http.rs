@@ -196,12 +196,12 @@ impl<S: EventSink> App<S> {
 
     async fn publish(&self, api: Api, records: &[Encoded], refused: &[Refused]) -> Reply {
         let published = self.sink.publish(records).await;
-        for (_, e) in &published.failures {
+        for e in &published.failures {
             metrics::counter!(EVENTS, "outcome" => "failed", "reason" => e.reason()).increment(1);
         }
         metrics::counter!(EVENTS, "outcome" => "accepted", "reason" => "")
             .increment(published.delivered as u64);
-        if let Some((_, first)) = published.failures.first() {
+        if let Some(first) = published.failures.first() {
             debug_assert!(first.is_retryable());
             let failed = published.failures.len();
             let detail = format!(

@@ -1,17 +1,17 @@
 //! The Kafka edge: the producer behind "accepted", the usage topic, and the broker probe.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tally_core::config::KafkaConfig;
 use tally_core::Encoded;
+use tokio::sync::Notify;
 
 use crate::error::SinkError;
 use crate::metrics::{BROKER_UP, DELIVERY_DURATION, QUEUE_DEPTH};
@@ -34,8 +34,58 @@ pub trait EventSink: Send + Sync + 'static {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Published {
     pub delivered: usize,
-    /// Failed records by their index in the published slice.
-    pub failures: Vec<(usize, SinkError)>,
+    /// Why each record that was not delivered failed, in the order the failures were known.
+    pub failures: Vec<SinkError>,
+}
+
+/// The delivery reports one `publish` still waits for.
+///
+/// Every record sent carries a reference to it as its delivery opaque (a pointer, no
+/// allocation), and the producer's polling thread counts each report down; the last one
+/// wakes the request. A `FutureProducer` costs a oneshot channel, a boxed sender and a
+/// future per record; in 500-event POSTs that was about a third of the collector's CPU per
+/// event (BENCHMARKS.md, "Delivery tracking").
+#[derive(Debug)]
+pub struct Pending {
+    remaining: AtomicUsize,
+    failures: Mutex<Vec<SinkError>>,
+    done: Notify,
+}
+
+impl Pending {
+    fn new(records: usize) -> Arc<Pending> {
+        Arc::new(Pending {
+            remaining: AtomicUsize::new(records),
+            failures: Mutex::new(Vec::new()),
+            done: Notify::new(),
+        })
+    }
+
+    fn fail(&self, error: SinkError) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(error);
+    }
+
+    /// One report in (or one record that was never sent).
+    fn count_down(&self, n: usize) {
+        if n > 0 && self.remaining.fetch_sub(n, Ordering::AcqRel) == n {
+            self.done.notify_one();
+        }
+    }
+
+    async fn wait(&self) {
+        while self.remaining.load(Ordering::Acquire) > 0 {
+            // `notify_one` keeps a permit when nobody waits, so a report that lands
+            // between the check and the await is not missed.
+            self.done.notified().await;
+        }
+    }
+
+    fn take_failures(&self) -> Vec<SinkError> {
+        std::mem::take(&mut *self.failures.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// Logs librdkafka's errors through `tracing` and notices when every broker is down, so
@@ -66,9 +116,32 @@ impl ClientContext for SinkContext {
     }
 }
 
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = Arc<Pending>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, pending: Arc<Pending>) {
+        if let Err((e, _)) = result {
+            if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
+                // Nothing reached the broker within message.timeout.ms: answer 503 at once
+                // until the health probe sees it again.
+                self.up.store(false, Ordering::Release);
+                metrics::gauge!(BROKER_UP).set(0.0);
+                pending.fail(SinkError::BrokerDown);
+            } else if e.rdkafka_error_code() == Some(RDKafkaErrorCode::PurgeQueue)
+                || e.rdkafka_error_code() == Some(RDKafkaErrorCode::PurgeInflight)
+            {
+                pending.fail(SinkError::ShuttingDown);
+            } else {
+                pending.fail(SinkError::Delivery(e.to_string()));
+            }
+        }
+        pending.count_down(1);
+    }
+}
+
 /// The production sink: an rdkafka producer with `acks=all`.
 pub struct KafkaSink {
-    producer: FutureProducer<SinkContext>,
+    producer: ThreadedProducer<SinkContext>,
     topic: String,
     up: Arc<AtomicBool>,
     closing: AtomicBool,
@@ -202,7 +275,7 @@ impl EventSink for Arc<KafkaSink> {
     async fn publish(&self, records: &[Encoded]) -> Published {
         let fail_all = |e: SinkError| Published {
             delivered: 0,
-            failures: (0..records.len()).map(|i| (i, e.clone())).collect(),
+            failures: vec![e; records.len()],
         };
         if self.closing.load(Ordering::Acquire) {
             return fail_all(SinkError::ShuttingDown);
@@ -211,48 +284,37 @@ impl EventSink for Arc<KafkaSink> {
             return fail_all(SinkError::BrokerDown);
         }
         let started = Instant::now();
-        let mut pending = Vec::with_capacity(records.len());
-        let mut failures: Vec<(usize, SinkError)> = Vec::new();
+        let pending = Pending::new(records.len());
+        let mut refused = None;
         for (i, record) in records.iter().enumerate() {
-            if let Some((_, first)) = failures.first() {
-                // The producer refused one: refuse the rest of the request for the same
-                // reason rather than store a gap-filled remainder.
-                let first = first.clone();
-                failures.push((i, first));
-                continue;
-            }
-            let message = FutureRecord::to(&self.topic)
+            let message = BaseRecord::with_opaque_to(&self.topic, pending.clone())
                 .key(&record.key)
                 .payload(&record.payload);
-            match self.producer.send_result(message) {
-                Ok(delivery) => pending.push((i, delivery)),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    failures.push((i, SinkError::QueueFull))
-                }
-                Err((e, _)) => failures.push((i, SinkError::Delivery(e.to_string()))),
+            if let Err((e, _)) = self.producer.send(message) {
+                // The producer refused one: refuse the rest of the request for the same
+                // reason rather than store a gap-filled remainder.
+                let error = match e {
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                        SinkError::QueueFull
+                    }
+                    e => SinkError::Delivery(e.to_string()),
+                };
+                refused = Some((records.len() - i, error));
+                break;
             }
+        }
+        if let Some((unsent, error)) = refused {
+            for _ in 0..unsent {
+                pending.fail(error.clone());
+            }
+            pending.count_down(unsent);
         }
         metrics::gauge!(QUEUE_DEPTH).set(f64::from(self.producer.in_flight_count()));
-        let (indices, deliveries): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
-        let mut delivered = 0;
-        for (i, report) in indices.into_iter().zip(join_all(deliveries).await) {
-            match report {
-                Ok(Ok(_)) => delivered += 1,
-                Ok(Err((e, _))) => {
-                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
-                        self.set_up(false);
-                        failures.push((i, SinkError::BrokerDown));
-                    } else {
-                        failures.push((i, SinkError::Delivery(e.to_string())));
-                    }
-                }
-                Err(_canceled) => failures.push((i, SinkError::ShuttingDown)),
-            }
-        }
+        pending.wait().await;
         metrics::histogram!(DELIVERY_DURATION).record(started.elapsed().as_secs_f64());
-        failures.sort_by_key(|(i, _)| *i);
+        let failures = pending.take_failures();
         Published {
-            delivered,
+            delivered: records.len() - failures.len(),
             failures,
         }
     }
@@ -269,8 +331,45 @@ pub async fn ensure_topic(config: &KafkaConfig) -> Result<(), KafkaError> {
 
 #[cfg(test)]
 mod tests {
-    use super::producer_config;
+    use super::{producer_config, Pending, SinkError};
     use std::path::Path;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_publish_waits_for_every_report_and_keeps_each_failure() {
+        let pending = Pending::new(3);
+        // Two reports land before anyone waits: nothing is lost.
+        pending.count_down(1);
+        pending.fail(SinkError::QueueFull);
+        pending.count_down(1);
+        let waiter = {
+            let pending = pending.clone();
+            tokio::spawn(async move { pending.wait().await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "one report is still missing");
+        let reporter = {
+            let pending = pending.clone();
+            std::thread::spawn(move || {
+                pending.fail(SinkError::BrokerDown);
+                pending.count_down(1);
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the last report wakes the request")
+            .expect("task");
+        reporter.join().expect("reporter");
+        assert_eq!(
+            pending.take_failures(),
+            vec![SinkError::QueueFull, SinkError::BrokerDown]
+        );
+        // A publish with nothing to wait for returns at once.
+        let none = Pending::new(0);
+        tokio::time::timeout(Duration::from_secs(5), none.wait())
+            .await
+            .expect("nothing pending");
+    }
 
     #[test]
     fn extra_producer_properties_are_applied_last() {

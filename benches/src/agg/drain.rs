@@ -54,7 +54,7 @@ pub async fn prefill(
     distinct: u64,
 ) -> anyhow::Result<Topic> {
     broker::create_topic(brokers, name, config.kafka.partitions).await?;
-    let producer = produce::producer(&config.kafka, brokers)?;
+    let producer = produce::future_producer(&config.kafka, brokers)?;
     let window = config.kafka.queue_max_messages as usize;
     let started = Instant::now();
     let mut ends = BTreeMap::new();

@@ -91,7 +91,7 @@ pub async fn measure(
         agg.wait_assigned(s.topic.ends.len(), Duration::from_secs(90))
             .await?;
         let month = records::month(&customer, hours, per_hour, now);
-        let producer = produce::producer(&s.config.kafka, &s.topic.brokers)?;
+        let producer = produce::future_producer(&s.config.kafka, &s.topic.brokers)?;
         let mut ends = s.topic.ends.clone();
         produce_all(&producer, &s.topic.name, &month, month.len(), &mut ends).await?;
         agg.wait_caught_up(s.ch, &target, &ends, PROBE_EVERY, s.max_phase)

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rdkafka::producer::FutureProducer;
 use tally_bench::broker::{self, Storage, Tansu};
 use tally_bench::collector::{self, CollectorProcess};
 use tally_bench::events::{self, Body};
 use tally_bench::load::{self, LoadResult};
 use tally_bench::procfs;
 use tally_bench::produce;
+use tally_bench::produce::Producer;
 use tally_bench::report::{Comparison, Cores, Report, Sample};
 use tally_core::Config;
 use time::format_description::well_known::Rfc3339;
@@ -239,7 +239,7 @@ struct Suite<'a> {
     config: &'a Config,
     broker: &'a Tansu,
     collector: &'a CollectorProcess,
-    producer: &'a FutureProducer,
+    producer: &'a Producer,
     topic: &'a str,
     raw_window: usize,
 }

@@ -22,7 +22,7 @@ impl EventSink for Arc<MemorySink> {
         let mut out = Published::default();
         for (i, r) in records.iter().enumerate() {
             match &fail {
-                Some((from, e)) if i >= *from => out.failures.push((i, e.clone())),
+                Some((from, e)) if i >= *from => out.failures.push(e.clone()),
                 _ => {
                     let record: UsageRecord = serde_json::from_slice(&r.payload).expect("a record");
                     assert_eq!(r.key, record.key().into_bytes());
