@@ -1,16 +1,54 @@
-//! Rows of `ingest_ledger` in ClickHouse's RowBinary, written by hand.
+//! Rows of `ingest_ledger` in ClickHouse's Native format, written by hand.
 //!
-//! A flush is one INSERT of every row it carries (see `V2__rollups.sql`). Event rows are the
-//! bulk of it, one per record, so they are encoded as each record is counted, straight from
-//! the fields borrowed from the Kafka payload: no owned row, no per-field allocation, and at
-//! flush time the partition's bytes are handed to the insert as they are. Rollup, coverage
+//! A flush is one INSERT of every row it carries (see `V2__rollups.sql`), sent as a single
+//! Native block: column after column, each column's values back to back. ClickHouse reads
+//! such a block with one bulk copy per column instead of decoding every row field by field,
+//! which costs it about a fifth less CPU per insert than RowBinary of the same rows
+//! (`scripts/ledger_replay.py`, BENCHMARKS.md); and one block sent is one block inserted,
+//! whatever its size, so a flush stays one atomic write through the ledger's views.
+//!
+//! Event rows are the bulk of a flush, one per record, so they are encoded as each record
+//! is counted, straight from the fields borrowed from the Kafka payload into the
+//! partition's own [`Columns`]: no owned row, no per-field allocation, and at flush time
+//! the partition's column buffers are handed to the insert as they are. Rollup, coverage
 //! and checkpoint rows, a few per flush, go through [`LedgerRow`]. Both paths share
 //! [`RowRef::encode`], so the layout is written down once, in [`COLUMNS`]' order.
 
-/// The columns of the insert, in the order [`RowRef::encode`] writes them.
+/// The columns of the insert, in the order of [`COLUMN_TYPES`].
 pub const COLUMNS: &str = "kind, tenant, customer, id, type, time, time_nanos, received_at, \
      source, data, topic, kafka_partition, kafka_offset, meter, hour, dim_values, d_count, \
      d_sum, d_min, d_max, d_latest, d_latest_at, d_unique";
+
+/// Each column's name and type as the Native block declares them (`ingest_ledger`'s own).
+pub const COLUMN_TYPES: [(&str, &str); NCOLS] = [
+    ("kind", "UInt8"),
+    ("tenant", "String"),
+    ("customer", "String"),
+    ("id", "String"),
+    ("type", "String"),
+    ("time", "DateTime('UTC')"),
+    ("time_nanos", "UInt32"),
+    ("received_at", "DateTime('UTC')"),
+    ("source", "String"),
+    ("data", "String"),
+    ("topic", "String"),
+    ("kafka_partition", "UInt32"),
+    ("kafka_offset", "UInt64"),
+    ("meter", "String"),
+    ("hour", "DateTime('UTC')"),
+    ("dim_values", "Array(String)"),
+    ("d_count", "UInt64"),
+    ("d_sum", "Decimal(38, 9)"),
+    ("d_min", "Decimal(38, 9)"),
+    ("d_max", "Decimal(38, 9)"),
+    ("d_latest", "Decimal(38, 9)"),
+    ("d_latest_at", "UInt64"),
+    ("d_unique", "String"),
+];
+
+const NCOLS: usize = 23;
+/// The position of `dim_values`, the one array column.
+const DIM_VALUES: usize = 15;
 
 /// Row kinds of `ingest_ledger` (see `schemas/clickhouse/V2__rollups.sql`).
 pub const KIND_EVENT: u8 = 1;
@@ -77,8 +115,8 @@ impl LedgerRow {
         }
     }
 
-    /// Appends this row's RowBinary to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) {
+    /// Appends this row to `out`.
+    pub fn encode(&self, out: &mut Columns) {
         self.as_ref().encode(out);
     }
 }
@@ -140,65 +178,84 @@ impl RowRef<'_> {
         }
     }
 
-    /// Appends the row in RowBinary, columns in [`COLUMNS`]' order: integers little-endian
-    /// at their width (`DateTime` as `UInt32`, `Decimal(38, 9)` as `Int128`), strings and
-    /// arrays as a LEB128 length and their bytes or elements.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(self.kind);
-        put_str(out, self.tenant);
-        put_str(out, self.customer);
-        put_str(out, self.id);
-        put_str(out, self.event_type);
-        out.extend_from_slice(&self.time.to_le_bytes());
-        out.extend_from_slice(&self.time_nanos.to_le_bytes());
-        out.extend_from_slice(&self.received_at.to_le_bytes());
-        put_str(out, self.source);
-        put_str(out, self.data);
-        put_str(out, self.topic);
-        out.extend_from_slice(&self.kafka_partition.to_le_bytes());
-        out.extend_from_slice(&self.kafka_offset.to_le_bytes());
-        put_str(out, self.meter);
-        out.extend_from_slice(&self.hour.to_le_bytes());
-        put_len(out, self.dim_values.len());
-        for d in self.dim_values {
-            put_str(out, d);
+    /// Appends the row to `out`, one value per column in Native's encoding: integers
+    /// little-endian at their width (`DateTime` as `UInt32`, `Decimal(38, 9)` as `Int128`),
+    /// strings as a LEB128 length and their bytes. A column's default (zero, the empty
+    /// string, the empty array) is not written here: [`Columns`] pads it in when the
+    /// column's next value comes or the block is assembled, so an event row touches only
+    /// the dozen columns it fills.
+    pub fn encode(&self, out: &mut Columns) {
+        let row = out.rows;
+        out.fixed(0, row, self.kind);
+        out.str(1, row, self.tenant);
+        out.str(2, row, self.customer);
+        out.str(3, row, self.id);
+        out.str(4, row, self.event_type);
+        out.fixed(5, row, self.time);
+        out.fixed(6, row, self.time_nanos);
+        out.fixed(7, row, self.received_at);
+        out.str(8, row, self.source);
+        out.str(9, row, self.data);
+        out.str(10, row, self.topic);
+        out.fixed(11, row, self.kafka_partition);
+        out.fixed(12, row, self.kafka_offset);
+        out.str(13, row, self.meter);
+        out.fixed(14, row, self.hour);
+        if !self.dim_values.is_empty() {
+            out.dim_counts.resize(row, 0);
+            out.dim_counts.push(self.dim_values.len() as u32);
+            for d in self.dim_values {
+                put_str(&mut out.cols[DIM_VALUES], d);
+            }
         }
-        out.extend_from_slice(&self.d_count.to_le_bytes());
-        for v in [self.d_sum, self.d_min, self.d_max, self.d_latest] {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        out.extend_from_slice(&self.d_latest_at.to_le_bytes());
-        put_str(out, self.d_unique);
+        out.fixed(16, row, self.d_count);
+        out.fixed(17, row, self.d_sum);
+        out.fixed(18, row, self.d_min);
+        out.fixed(19, row, self.d_max);
+        out.fixed(20, row, self.d_latest);
+        out.fixed(21, row, self.d_latest_at);
+        out.str(22, row, self.d_unique);
+        out.rows += 1;
     }
 }
 
-/// The body of one flush's INSERT: chunks of encoded rows, sent in order without being
-/// joined into one buffer.
-#[derive(Debug, Default)]
-pub struct Body {
-    chunks: Vec<Vec<u8>>,
-    tail: Vec<u8>,
+/// Rows of the ledger, column by column: each column's values in Native encoding, except
+/// `dim_values`, whose array lengths are kept apart (a Native block gives each array its
+/// end offset in the whole block, known only when the block is assembled).
+///
+/// A column may hold fewer values than there are rows: the rows after its last value hold
+/// its default, padded in by [`pad`](Self::pad) (every default is zero bytes: a zero, or
+/// the zero length of an empty string).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Columns {
+    cols: [Vec<u8>; NCOLS],
+    /// Values written to each column so far.
+    filled: [usize; NCOLS],
+    dim_counts: Vec<u32>,
     rows: usize,
 }
 
-impl Body {
-    pub fn push(&mut self, row: RowRef<'_>) {
-        row.encode(&mut self.tail);
-        self.rows += 1;
-    }
+/// A fixed-width column value: its little-endian bytes, and whether it is the default.
+trait Fixed: Copy {
+    fn is_zero(self) -> bool;
+    fn put(self, out: &mut Vec<u8>);
+}
 
-    /// Adds `rows` rows encoded elsewhere, as one chunk (not copied).
-    pub fn append_encoded(&mut self, bytes: Vec<u8>, rows: usize) {
-        if rows == 0 {
-            return;
+macro_rules! fixed {
+    ($($t:ty),*) => {$(
+        impl Fixed for $t {
+            fn is_zero(self) -> bool {
+                self == 0
+            }
+            fn put(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
         }
-        if !self.tail.is_empty() {
-            self.chunks.push(std::mem::take(&mut self.tail));
-        }
-        self.chunks.push(bytes);
-        self.rows += rows;
-    }
+    )*};
+}
+fixed!(u8, u32, u64, i128);
 
+impl Columns {
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -207,11 +264,135 @@ impl Body {
         self.rows == 0
     }
 
-    pub fn into_chunks(mut self) -> Vec<Vec<u8>> {
-        if !self.tail.is_empty() {
-            self.chunks.push(self.tail);
+    /// Empty columns with the room these ones take (taken columns count as empty).
+    pub fn sized_like(&self) -> Columns {
+        let mut next = Columns::default();
+        for (col, used) in next.cols.iter_mut().zip(&self.cols) {
+            col.reserve(used.capacity());
         }
-        self.chunks
+        next.dim_counts.reserve(self.dim_counts.capacity());
+        next
+    }
+
+    /// Bytes of one default value of column `c`.
+    fn width(c: usize) -> usize {
+        match COLUMN_TYPES[c].1 {
+            "UInt8" | "String" => 1,
+            "UInt32" | "DateTime('UTC')" => 4,
+            "UInt64" => 8,
+            "Decimal(38, 9)" => 16,
+            // The array column's defaults live in `dim_counts`.
+            _ => 0,
+        }
+    }
+
+    /// Fills column `c` with defaults up to row `row` (exclusive).
+    #[inline]
+    fn pad(&mut self, c: usize, row: usize) {
+        if self.filled[c] < row {
+            self.pad_cold(c, row);
+        }
+    }
+
+    #[cold]
+    fn pad_cold(&mut self, c: usize, row: usize) {
+        let missing = row - self.filled[c];
+        let col = &mut self.cols[c];
+        col.resize(col.len() + missing * Self::width(c), 0);
+        self.filled[c] = row;
+    }
+
+    fn fixed(&mut self, c: usize, row: usize, v: impl Fixed) {
+        if !v.is_zero() {
+            self.pad(c, row);
+            v.put(&mut self.cols[c]);
+            self.filled[c] = row + 1;
+        }
+    }
+
+    fn str(&mut self, c: usize, row: usize, v: &str) {
+        if !v.is_empty() {
+            self.pad(c, row);
+            put_str(&mut self.cols[c], v);
+            self.filled[c] = row + 1;
+        }
+    }
+
+    /// Every column holding a value for every row.
+    fn padded(mut self) -> Columns {
+        for c in 0..NCOLS {
+            if c != DIM_VALUES {
+                self.pad(c, self.rows);
+            }
+        }
+        self.dim_counts.resize(self.rows, 0);
+        self
+    }
+}
+
+/// The body of one flush's INSERT: the rows of each partition's [`Columns`] and the
+/// flush's own rows, sent as one Native block without copying the columns into one buffer.
+#[derive(Debug, Default)]
+pub struct Body {
+    parts: Vec<Columns>,
+    tail: Columns,
+}
+
+impl Body {
+    pub fn push(&mut self, row: RowRef<'_>) {
+        row.encode(&mut self.tail);
+    }
+
+    /// Adds rows encoded elsewhere (not copied).
+    pub fn append(&mut self, columns: Columns) {
+        if !columns.is_empty() {
+            self.parts.push(columns);
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.parts.iter().map(Columns::rows).sum::<usize>() + self.tail.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows() == 0
+    }
+
+    /// The Native block, as chunks to send in order: the block header, then for each
+    /// column its name, its type and every part's values.
+    pub fn into_chunks(mut self) -> Vec<Vec<u8>> {
+        let rows = self.rows();
+        if !self.tail.is_empty() {
+            self.parts.push(std::mem::take(&mut self.tail));
+        }
+        let mut parts: Vec<Columns> = self.parts.into_iter().map(Columns::padded).collect();
+        let mut chunks = Vec::with_capacity(1 + NCOLS * (1 + parts.len()));
+        let mut head = Vec::new();
+        put_len(&mut head, NCOLS);
+        put_len(&mut head, rows);
+        for (i, (name, kind)) in COLUMN_TYPES.iter().enumerate() {
+            put_str(&mut head, name);
+            put_str(&mut head, kind);
+            if i == DIM_VALUES {
+                // Array(String): every row's end offset (UInt64), then the strings.
+                let mut end = 0u64;
+                head.reserve(rows * 8);
+                for part in &parts {
+                    for &n in &part.dim_counts {
+                        end += u64::from(n);
+                        head.extend_from_slice(&end.to_le_bytes());
+                    }
+                }
+            }
+            chunks.push(std::mem::take(&mut head));
+            for part in &mut parts {
+                let col = std::mem::take(&mut part.cols[i]);
+                if !col.is_empty() {
+                    chunks.push(col);
+                }
+            }
+        }
+        chunks
     }
 }
 
@@ -249,32 +430,144 @@ mod tests {
         }
     }
 
+    /// A column read back from a Native block: name, type and raw bytes.
+    type Column = (String, String, Vec<u8>);
+
+    /// Reads a Native block back: its column and row counts, and each column.
+    fn columns_of(block: &[u8]) -> (usize, usize, Vec<Column>) {
+        fn varint(b: &[u8], i: &mut usize) -> usize {
+            let (mut v, mut shift) = (0usize, 0);
+            loop {
+                let byte = b[*i];
+                *i += 1;
+                v |= usize::from(byte & 0x7f) << shift;
+                shift += 7;
+                if byte < 0x80 {
+                    return v;
+                }
+            }
+        }
+        fn string(b: &[u8], i: &mut usize) -> Vec<u8> {
+            let n = varint(b, i);
+            *i += n;
+            b[*i - n..*i].to_vec()
+        }
+        let mut i = 0;
+        let ncols = varint(block, &mut i);
+        let rows = varint(block, &mut i);
+        let mut out = Vec::new();
+        for _ in 0..ncols {
+            let name = String::from_utf8(string(block, &mut i)).expect("name");
+            let kind = String::from_utf8(string(block, &mut i)).expect("type");
+            let start = i;
+            let fixed = |k: &str| match k {
+                "UInt8" => Some(1),
+                "UInt32" | "DateTime('UTC')" => Some(4),
+                "UInt64" => Some(8),
+                "Decimal(38, 9)" => Some(16),
+                _ => None,
+            };
+            match (fixed(&kind), kind.as_str()) {
+                (Some(w), _) => i += w * rows,
+                (None, "String") => (0..rows).for_each(|_| drop(string(block, &mut i))),
+                (None, "Array(String)") => {
+                    let ends: Vec<u64> = (0..rows)
+                        .map(|r| {
+                            let at = i + r * 8;
+                            u64::from_le_bytes(block[at..at + 8].try_into().expect("8 bytes"))
+                        })
+                        .collect();
+                    i += rows * 8;
+                    let strings = ends.last().copied().unwrap_or(0);
+                    (0..strings).for_each(|_| drop(string(block, &mut i)));
+                }
+                (None, other) => panic!("unexpected type {other}"),
+            }
+            out.push((name, kind, block[start..i].to_vec()));
+        }
+        assert_eq!(i, block.len(), "nothing after the block");
+        (ncols, rows, out)
+    }
+
     #[test]
-    fn a_row_is_its_columns_in_order() {
-        let row = LedgerRow {
-            kind: KIND_ROLLUP,
+    fn a_body_is_one_native_block_of_its_rows_in_order() {
+        let event = LedgerRow {
+            kind: KIND_EVENT,
             tenant: "t".into(),
             customer: "cü".into(),
+            id: "e1".into(),
+            time: 7,
+            data: "{}".into(),
+            kafka_offset: 9,
+            ..LedgerRow::default()
+        };
+        let rollup = LedgerRow {
+            kind: KIND_ROLLUP,
+            tenant: "t".into(),
             hour: 3600,
             dim_values: vec!["a".into(), String::new()],
             d_count: 2,
             d_sum: -1,
             ..LedgerRow::default()
         };
-        let mut out = Vec::new();
-        row.encode(&mut out);
-        let mut want = vec![KIND_ROLLUP, 1, b't', 3, b'c', 0xc3, 0xbc, 0, 0];
-        want.extend([0u8; 12]); // time, time_nanos, received_at
-        want.extend([0, 0, 0]); // source, data, topic
-        want.extend([0u8; 12]); // kafka_partition, kafka_offset
-        want.push(0); // meter
-        want.extend(3600u32.to_le_bytes());
-        want.extend([2, 1, b'a', 0]);
-        want.extend(2u64.to_le_bytes());
-        want.extend([0xff; 16]); // d_sum = -1
-        want.extend([0u8; 48 + 8]); // d_min, d_max, d_latest, d_latest_at
-        want.push(0); // d_unique
-        assert_eq!(out, want);
-        assert_eq!(COLUMNS.split(", ").count(), 23);
+        let third = LedgerRow {
+            kind: KIND_ROLLUP,
+            dim_values: vec!["b".into()],
+            ..LedgerRow::default()
+        };
+        // An event encoded in a partition's columns, then the flush's own rows.
+        let mut part = Columns::default();
+        event.encode(&mut part);
+        let mut body = Body::default();
+        body.append(part);
+        body.append(Columns::default());
+        body.push(rollup.as_ref());
+        body.push(third.as_ref());
+        assert_eq!(body.rows(), 3);
+        let block: Vec<u8> = body.into_chunks().concat();
+        let (ncols, rows, cols) = columns_of(&block);
+        assert_eq!((ncols, rows), (23, 3));
+        let names: Vec<&str> = cols.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(names, COLUMNS.split(", ").collect::<Vec<_>>());
+        let col = |name: &str| {
+            cols.iter()
+                .find(|c| c.0 == name)
+                .map(|c| c.2.clone())
+                .expect("column")
+        };
+        assert_eq!(col("kind"), [KIND_EVENT, KIND_ROLLUP, KIND_ROLLUP]);
+        assert_eq!(col("customer"), [3, b'c', 0xc3, 0xbc, 0, 0]);
+        assert_eq!(col("tenant"), [1, b't', 1, b't', 0]);
+        let mut time = 7u32.to_le_bytes().to_vec();
+        time.extend([0u8; 8]);
+        assert_eq!(col("time"), time);
+        let mut hour = 0u32.to_le_bytes().to_vec();
+        hour.extend(3600u32.to_le_bytes());
+        hour.extend([0u8; 4]);
+        assert_eq!(col("hour"), hour);
+        // Array(String): each row's end offset in the block, then the strings.
+        let mut dims = Vec::new();
+        for end in [0u64, 2, 3] {
+            dims.extend(end.to_le_bytes());
+        }
+        dims.extend([1, b'a', 0, 1, b'b']);
+        assert_eq!(col("dim_values"), dims);
+        let mut sums = 0i128.to_le_bytes().to_vec();
+        sums.extend((-1i128).to_le_bytes());
+        sums.extend(0i128.to_le_bytes());
+        assert_eq!(col("d_sum"), sums);
+        let mut offsets = 9u64.to_le_bytes().to_vec();
+        offsets.extend([0u8; 16]);
+        assert_eq!(col("kafka_offset"), offsets);
+    }
+
+    #[test]
+    fn an_empty_body_has_no_rows() {
+        let mut body = Body::default();
+        body.append(Columns::default());
+        assert!(body.is_empty());
+        let (ncols, rows, cols) = columns_of(&body.into_chunks().concat());
+        assert_eq!((ncols, rows), (23, 0));
+        assert!(cols.iter().all(|c| c.2.is_empty()));
     }
 }

@@ -16,7 +16,7 @@ use tally_core::{Aggregation, Catalog, EventData, MeterValue, Quantity};
 use time::OffsetDateTime;
 
 pub use crate::ledger::{
-    Body, LedgerRow, RowRef, KIND_CHECKPOINT, KIND_COVERAGE, KIND_EVENT, KIND_ROLLUP,
+    Body, Columns, LedgerRow, RowRef, KIND_CHECKPOINT, KIND_COVERAGE, KIND_EVENT, KIND_ROLLUP,
 };
 
 /// A record the aggregator cannot count, bound for the dead-letter topic.
@@ -242,10 +242,9 @@ pub enum Outcome {
 /// One partition's contribution since its last flush.
 #[derive(Debug, Default)]
 pub struct PartitionBatch {
-    /// The new events' ledger rows, already in RowBinary (see [`crate::ledger`]).
-    events: Vec<u8>,
-    /// How many rows `events` holds.
-    event_rows: usize,
+    /// The new events' ledger rows, already encoded column by column (see
+    /// [`crate::ledger`]).
+    events: Columns,
     groups: HashMap<GroupKey, Acc>,
     uniques: HashMap<(GroupKey, String), u64>,
     /// Ids counted in this batch, with their receipt time, for the dedupe state.
@@ -258,6 +257,20 @@ pub struct PartitionBatch {
 }
 
 impl PartitionBatch {
+    /// After a flush took this batch's rows: an empty batch with room for as many ids,
+    /// groups and event rows as this one held (the room [`take_into`](Self::take_into) left
+    /// for event rows moves over), so a partition under steady load does not regrow its
+    /// maps and columns every flush.
+    pub fn successor(&mut self) -> PartitionBatch {
+        PartitionBatch {
+            events: std::mem::take(&mut self.events),
+            groups: HashMap::with_capacity(self.groups.len()),
+            uniques: HashMap::with_capacity(self.uniques.len()),
+            new_keys: HashMap::with_capacity(self.new_keys.len()),
+            ..PartitionBatch::default()
+        }
+    }
+
     /// Adds one record read from the partition: counted, recognised as a retry, or poison.
     pub fn add(&mut self, meters: &Meters<'_>, dedupe: &Dedupe, incoming: Incoming<'_>) -> Outcome {
         let Incoming {
@@ -428,7 +441,6 @@ impl PartitionBatch {
             ..RowRef::default()
         }
         .encode(&mut self.events);
-        self.event_rows += 1;
         Outcome::Counted
     }
 
@@ -445,8 +457,8 @@ impl PartitionBatch {
         now: u32,
         body: &mut Body,
     ) {
-        body.append_encoded(std::mem::take(&mut self.events), self.event_rows);
-        self.event_rows = 0;
+        let room = self.events.sized_like();
+        body.append(std::mem::replace(&mut self.events, room));
         self.each_rest(meters, topic, partition, now, |r| body.push(r));
     }
 
@@ -526,9 +538,9 @@ impl PartitionBatch {
         }
     }
 
-    /// The new events' rows as they will be sent, and how many.
-    pub fn encoded_events(&self) -> (&[u8], usize) {
-        (&self.events, self.event_rows)
+    /// The new events' rows as they will be sent.
+    pub fn encoded_events(&self) -> &Columns {
+        &self.events
     }
 
     /// Every row but the events, decoded back into owned rows (for tests and tools): what

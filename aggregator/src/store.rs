@@ -25,7 +25,11 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Rows a ClickHouse INSERT body may hold and still be one block (one atomic write).
+/// Rows one flush's INSERT may hold. A Native body is one block whatever its size, so this
+/// no longer decides atomicity; it keeps the block, and the memory ClickHouse needs to push
+/// it through the ledger's views, bounded however many meters read one event type, and it
+/// is below ClickHouse's default `max_insert_block_size` (1,048,576), so a flush would
+/// stay one block in a row format too.
 pub const MAX_ROWS_PER_INSERT: usize = 1_000_000;
 
 #[derive(Clone)]
@@ -85,19 +89,16 @@ impl Store {
             .map_err(|_| StoreError::Timeout(self.timeout))?
     }
 
-    /// Writes one flush as a single INSERT of RowBinary, one block (so one atomic write
+    /// Writes one flush as a single INSERT of one Native block (so one atomic write
     /// through the ledger's views).
     pub async fn insert_body(&self, body: Body) -> Result<()> {
         if body.is_empty() {
             return Ok(());
         }
         self.bounded(async {
-            let mut insert = self
-                .client
-                .insert_formatted_with(format!(
-                    "INSERT INTO ingest_ledger ({COLUMNS}) FORMAT RowBinary"
-                ))
-                .with_setting("max_insert_block_size", MAX_ROWS_PER_INSERT.to_string());
+            let mut insert = self.client.insert_formatted_with(format!(
+                "INSERT INTO ingest_ledger ({COLUMNS}) FORMAT Native"
+            ));
             for chunk in body.into_chunks() {
                 insert.send(bytes::Bytes::from(chunk)).await?;
             }

@@ -195,7 +195,7 @@ pub struct AggregatorConfig {
     /// Most records in one flush (one ClickHouse insert). Large flushes are much cheaper
     /// for ClickHouse (each writes a part per table, and part files dominate its CPU for
     /// small inserts); under light load the interval flushes first anyway. The aggregator
-    /// lowers it if the catalog's meters could make a flush's rows exceed one insert block.
+    /// lowers it if the catalog's meters could make a flush's rows exceed 1,000,000.
     #[serde(default = "default_flush_max_records")]
     pub flush_max_records: usize,
     /// How long a retried event id is recognised as a duplicate, in seconds. Must cover
