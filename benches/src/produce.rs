@@ -159,7 +159,9 @@ pub async fn produce(
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
                     if sent > reports.settled() =>
                 {
-                    reports.wait_until(sent, sent - reports.settled() - 1).await;
+                    // Room for one more; reports may have come in since the guard.
+                    let unsettled = sent - reports.settled();
+                    reports.wait_until(sent, unsettled.saturating_sub(1)).await;
                 }
                 Err((e, _)) => {
                     refused += 1;

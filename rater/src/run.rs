@@ -145,7 +145,7 @@ pub async fn closed_generations(
     grace: time::Duration,
     catch_up: usize,
     batch_size: usize,
-) -> Result<(Vec<Vec<Vec<Billable>>>, Vec<(String, String)>), RunError> {
+) -> Result<Generations, RunError> {
     batched(store, tenant, batch_size, catch_up + 1, |timeline, out| {
         closed_periods(timeline, catalog, now, grace, catch_up, out)
     })
@@ -180,7 +180,7 @@ pub fn closed_periods(
 pub type Placed = (usize, Result<Billable, (String, String)>);
 
 /// The batches of each generation, and the customers that could not be placed.
-type Generations = (Vec<Vec<Vec<Billable>>>, Vec<(String, String)>);
+pub type Generations = (Vec<Vec<Vec<Billable>>>, Vec<(String, String)>);
 
 /// One streamed read of the tenant's change log; `place` puts each customer's billables
 /// into generations `0..generations`, each generation batched in customer order.
