@@ -16,6 +16,13 @@ else should be using it meanwhile.
 
 Example: `scripts/ledger_replay.py capture cap 1 /tmp/g1` and `... capture cap 4 /tmp/g4`,
 then `scripts/ledger_replay.py replay /tmp/g1 /tmp/g4`.
+
+  order [EVENTS]     what sending a flush's events in `events_raw`'s order saves the server:
+                     one synthetic flush of EVENTS event rows (default 125,000; the aggregator
+                     bench's shape: 3,000 customers, four types, times over four hours) with
+                     its rollup and checkpoint rows, inserted 8 times into a fresh database
+                     as generated and 8 times sorted by (tenant, customer, type, time, id),
+                     3 rounds alternating.
 """
 
 import glob
@@ -142,11 +149,87 @@ def replay(folders, rounds=3):
               f"{median / events * 1e6:.2f} CPU s per million events")
 
 
+def synthetic_flush(database, events):
+    """A flush-shaped ledger in DB (a Log table): the events, about a quarter as many
+    rollup rows and a few unique-value rows, and 8 checkpoints."""
+    prepare(database)
+    now = int(time.time())
+    query(f"""INSERT INTO {database}.ingest_ledger (kind, tenant, customer, id, type, time,
+        time_nanos, received_at, data, kafka_partition, kafka_offset)
+      SELECT 1, 'demo', concat('customer-', toString(10000 + (number * 7919) % 3000)),
+        concat('run-1764040000-', toString(number)),
+        ['request', 'completion', 'storage', 'login'][number % 4 + 1],
+        toDateTime({now} - (number * 7) % 14400), 123456789, toDateTime({now}),
+        ['{{"endpoint":"/v1/chat","status":200}}', '{{"tokens":1234,"model":"large"}}',
+         '{{"gb":55.5}}', '{{"user":"user-1234"}}'][number % 4 + 1],
+        number % 8, number
+      FROM numbers({events})""")
+    query(f"""INSERT INTO {database}.ingest_ledger (kind, tenant, customer, meter, hour,
+        dim_values, d_count, d_sum, d_min, d_max, d_latest, d_latest_at)
+      SELECT 2, 'demo', concat('customer-', toString(10000 + number % 3000)),
+        ['requests@a', 'tokens@b', 'storage_gb@c'][number % 3 + 1],
+        toStartOfHour(toDateTime({now} - 3600 * (number % 4))),
+        [['/v1/chat'], ['large'], []][number % 3 + 1], 3, toDecimal128(1234.5, 9),
+        toDecimal128(1, 9), toDecimal128(1000, 9), toDecimal128(55.5, 9), number
+      FROM numbers({events // 4})""")
+    query(f"""INSERT INTO {database}.ingest_ledger (kind, tenant, customer, meter, hour,
+        d_count, d_unique)
+      SELECT 2, 'demo', concat('customer-', toString(10000 + number % 3000)), 'active_users@d',
+        toStartOfHour(toDateTime({now} - 3600 * (number % 4))), 1,
+        concat('user-', toString(number % 5000))
+      FROM numbers({events // 8})""")
+    query(f"""INSERT INTO {database}.ingest_ledger (kind, topic, kafka_partition, kafka_offset,
+        received_at)
+      SELECT 3, 'usage', number, {events}, toDateTime({now}) FROM numbers(8)""")
+
+
+def order(events=125_000, inserts=8, rounds=3):
+    source = f"ledger_order_{int(time.time())}"
+    synthetic_flush(source, events)
+    cols = ", ".join(columns(source))
+    bodies = {
+        "as generated": query(f"SELECT {cols} FROM {source}.ingest_ledger FORMAT Native",
+                              max_threads=1),
+        "sorted": query(f"SELECT {cols} FROM {source}.ingest_ledger ORDER BY kind, tenant, "
+                        "customer, type, time, id FORMAT Native", max_threads=1),
+    }
+    query(f"DROP DATABASE {source}")
+    results = {name: [] for name in bodies}
+    for r in range(rounds):
+        names = list(bodies) if r % 2 == 0 else list(bodies)[::-1]
+        for name in names:
+            database = f"{source}_{r}_{list(bodies).index(name)}"
+            migrate(database)
+            time.sleep(0.3)
+            before = server_cpu()
+            for _ in range(inserts):
+                query(f"INSERT INTO {database}.ingest_ledger ({cols}) FORMAT Native",
+                      bodies[name])
+            quiet = 0
+            while quiet < 6:  # no merge running for 300 ms
+                time.sleep(0.05)
+                running = int(query("SELECT count() FROM system.merges "
+                                    f"WHERE database = '{database}'"))
+                quiet = quiet + 1 if running == 0 else 0
+            cpu = server_cpu() - before
+            query(f"DROP DATABASE {database}")
+            results[name].append(cpu)
+            print(f"{name}: round {r + 1}: {inserts} inserts of {events} events, "
+                  f"server CPU {cpu:.2f} s", flush=True)
+    total = inserts * events
+    for name, cpus in results.items():
+        median = sorted(cpus)[len(cpus) // 2]
+        print(f"{name}: median server CPU {median:.2f} s = "
+              f"{median / total * 1e6:.2f} CPU s per million events")
+
+
 def main(argv):
     if len(argv) >= 2 and argv[0] == "prepare":
         prepare(argv[1])
     elif len(argv) == 4 and argv[0] == "capture":
         capture(argv[1], int(argv[2]), argv[3])
+    elif len(argv) in (1, 2) and argv[0] == "order":
+        order(*(int(a) for a in argv[1:]))
     elif len(argv) >= 2 and argv[0] == "replay":
         replay(argv[1:])
     else:

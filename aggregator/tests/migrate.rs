@@ -145,3 +145,72 @@ async fn a_migration_killed_before_its_record_finishes_next_time() {
         .expect_err("a missing table is an error");
     drop_database(&c).await;
 }
+
+/// A flush's events arrive from several partitions in arrival order; the insert sends them
+/// in `events_raw`'s own order, so the server writes the part without sorting it (it counts
+/// such blocks as `MergeTreeDataWriterBlocksAlreadySorted`).
+#[tokio::test]
+async fn a_flush_reaches_events_raw_already_in_its_order() {
+    use tally_aggregator::ledger::{Body, Columns, LedgerRow, COLUMNS, KIND_EVENT};
+    let c = config("sorted");
+    let all = migrate::load(&migrate::default_dir()).expect("load");
+    migrate::apply(&c, &all).await.expect("apply");
+    let hour = 1_795_500_000u32;
+    let mut body = Body::default();
+    for partition in 0..3u32 {
+        let mut part = Columns::default();
+        for n in 0..200u32 {
+            LedgerRow {
+                kind: KIND_EVENT,
+                tenant: "demo".into(),
+                customer: format!("customer-{}", (n * 7919 + partition) % 37),
+                id: format!("evt-{partition}-{n}"),
+                event_type: ["request", "login", "completion"][(n % 3) as usize].into(),
+                time: hour + (n * 13) % 3600,
+                received_at: hour + 3600,
+                data: "{}".into(),
+                kafka_partition: partition,
+                kafka_offset: u64::from(n),
+                ..LedgerRow::default()
+            }
+            .encode(&mut part);
+        }
+        body.append(part);
+    }
+    let query_id = format!("{}_flush", c.database);
+    let client = migrate::client(&c)
+        .with_setting("query_id", query_id.as_str())
+        .with_setting("log_queries", "1");
+    let mut insert = client.insert_formatted_with(format!(
+        "INSERT INTO ingest_ledger ({COLUMNS}) FORMAT Native"
+    ));
+    for chunk in body.into_chunks() {
+        insert.send(bytes::Bytes::from(chunk)).await.expect("send");
+    }
+    insert.end().await.expect("insert");
+
+    let db = migrate::client(&c);
+    db.query("SYSTEM FLUSH LOGS")
+        .execute()
+        .await
+        .expect("flush logs");
+    let (blocks, sorted): (u64, u64) = db
+        .query(
+            "SELECT ProfileEvents.Values[indexOf(ProfileEvents.Names, 'MergeTreeDataWriterBlocks')], \
+             ProfileEvents.Values[indexOf(ProfileEvents.Names, 'MergeTreeDataWriterBlocksAlreadySorted')] \
+             FROM system.query_log WHERE query_id = ? AND type = 2",
+        )
+        .bind(&query_id)
+        .fetch_one()
+        .await
+        .expect("the insert's log entry");
+    assert_eq!(blocks, 1, "one part, in events_raw");
+    assert_eq!(sorted, blocks, "written without a sort");
+    let stored: u64 = db
+        .query("SELECT count() FROM events_raw")
+        .fetch_one()
+        .await
+        .expect("count");
+    assert_eq!(stored, 600);
+    drop_database(&c).await;
+}
