@@ -1,8 +1,8 @@
 //! Event validation against the meter catalog and the configured limits. Pure: the caller
 //! passes the clock reading, so window edges are testable without waiting.
 
-use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -321,30 +321,40 @@ fn dedupe<C, T>(
     mut check: impl FnMut(C) -> Result<T, Failure>,
     identity: impl Fn(&T) -> (&[u8], &str),
 ) -> (Vec<T>, Vec<Refused>) {
-    let mut accepted = Vec::with_capacity(candidates.len());
+    let mut accepted: Vec<T> = Vec::with_capacity(candidates.len());
+    // Each accepted event's index in the request.
+    let mut at: Vec<usize> = Vec::with_capacity(candidates.len());
     let mut refused = Vec::new();
-    let mut seen: HashMap<(Vec<u8>, String), usize> = HashMap::new();
+    // The accepted events by identity, as positions in `accepted`: nothing is copied.
+    let hasher = hashbrown::DefaultHashBuilder::default();
+    let mut seen: hashbrown::HashTable<usize> = hashbrown::HashTable::new();
     for (index, candidate) in candidates.into_iter().enumerate() {
         let result = check(candidate).and_then(|t| {
-            let (who, id) = identity(&t);
-            let key = (who.to_vec(), id.to_owned());
-            match seen.get(&key) {
-                Some(first) => Err((
-                    Some(key.1),
+            let key = identity(&t);
+            let hash = hasher.hash_one(key);
+            match seen.find(hash, |&i| identity(&accepted[i]) == key) {
+                Some(&i) => Err((
+                    Some(key.1.to_owned()),
                     format!(
-                        "id: duplicate of the event at index {first} in this request \
-                         (same customer and id)"
+                        "id: duplicate of the event at index {} in this request \
+                         (same customer and id)",
+                        at[i]
                     ),
                     "duplicate_id",
                 )),
                 None => {
-                    seen.insert(key, index);
+                    seen.insert_unique(hash, accepted.len(), |&i| {
+                        hasher.hash_one(identity(&accepted[i]))
+                    });
                     Ok(t)
                 }
             }
         });
         match result {
-            Ok(t) => accepted.push(t),
+            Ok(t) => {
+                accepted.push(t);
+                at.push(index);
+            }
             Err((id, error, reason)) => refused.push(Refused {
                 index,
                 id,

@@ -323,7 +323,8 @@ fn batch_reports_each_refusal_by_index_and_refuses_repeated_ids() {
         {"id": "a", "customer": "c", "type": "request"},
         5,
         {"id": "d", "customer": "c", "type": "storage", "data": {"gb": 1}},
-        {"id": "a", "customer": "other", "type": "request"}
+        {"id": "a", "customer": "other", "type": "request"},
+        {"id": "d", "customer": "c", "type": "storage", "data": {"gb": 2}}
     ]"#;
     let candidates = split(body, BodyFormat::Json, 100).expect("body");
     let (ok, refused) = v.validate_batch(candidates, &tenant(true), NOW);
@@ -345,12 +346,18 @@ fn batch_reports_each_refusal_by_index_and_refuses_repeated_ids() {
         [
             (1, Some("b"), "data"),
             (2, Some("a"), "duplicate_id"),
-            (3, None, "malformed")
+            (3, None, "malformed"),
+            (6, Some("d"), "duplicate_id")
         ]
     );
     assert_eq!(
         refused[1].error,
         "id: duplicate of the event at index 0 in this request (same customer and id)"
+    );
+    // The first copy is named by its place in the request, refusals before it counted.
+    assert_eq!(
+        refused[3].error,
+        "id: duplicate of the event at index 4 in this request (same customer and id)"
     );
 }
 
