@@ -354,6 +354,13 @@ pub fn invoice_id(tenant: &str, invoice: &Invoice) -> String {
     )
 }
 
+/// Usage reads a preview run keeps under way. Each read runs on one ClickHouse thread
+/// (`UsageReader`) and reading is most of a preview's time: with one read ahead the server
+/// used one core while the rater priced; three keep both cores of the 2-core box busy
+/// (a million invoices in 9.4–9.8 s against 12.5–14.5 s with one, 10.1–11.3 s with two;
+/// BENCHMARKS.md).
+pub const PREVIEW_READS: usize = 3;
+
 /// Prices a batch from usage already read. Pure.
 pub fn price(catalog: &Catalog, batch: &[Billable], usage: &UsageTable) -> Priced {
     let mut out = Priced {
@@ -704,7 +711,8 @@ impl InvoiceRun {
     }
 
     /// Previews every batch in order, handing each batch's outcome to `each`: the next
-    /// batch's usage is read (by ClickHouse, on another task) while this one is priced.
+    /// [`PREVIEW_READS`] batches' usage is read (by ClickHouse, on tasks of their own)
+    /// while this one is priced.
     pub async fn previews(
         &self,
         catalog: &Catalog,
@@ -720,14 +728,20 @@ impl InvoiceRun {
                 usage.read(&tenant, &meters, &requests).await
             })
         };
-        let mut next = batches.first().map(|b| read(b));
+        let mut pending: std::collections::VecDeque<_> = batches
+            .iter()
+            .take(PREVIEW_READS)
+            .map(|b| read(b))
+            .collect();
         for (i, batch) in batches.iter().enumerate() {
-            let Some(pending) = next.take() else {
+            let Some(next) = pending.pop_front() else {
                 break;
             };
             let started = Instant::now();
-            let usage = pending.await.map_err(|e| RunError::Task(e.to_string()))??;
-            next = batches.get(i + 1).map(|b| read(b));
+            let usage = next.await.map_err(|e| RunError::Task(e.to_string()))??;
+            if let Some(b) = batches.get(i + PREVIEW_READS) {
+                pending.push_back(read(b));
+            }
             let priced = price(catalog, batch, &usage);
             count_priced(&priced);
             metrics::histogram!(BATCH_DURATION, "mode" => "preview")

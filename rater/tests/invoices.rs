@@ -160,6 +160,25 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
         "a preview stores nothing"
     );
 
+    // Batch by batch, with more batches than reads kept under way: each handed over in
+    // order, priced as the one preview priced it.
+    let singles: Vec<Vec<Billable>> = batch.iter().map(|b| vec![b.clone()]).collect();
+    assert!(singles.len() > tally_rater::run::PREVIEW_READS);
+    let mut handed = Vec::new();
+    run.previews(&plans, "demo", &singles, |p| {
+        handed.push((p.invoices, p.refused.len()))
+    })
+    .await
+    .expect("previews");
+    assert_eq!(handed.len(), singles.len());
+    for ((invoices, refused), single) in handed.into_iter().zip(&singles) {
+        let customer = &single[0].customer;
+        match expect.get(customer) {
+            Some(want) => assert_eq!((invoices, refused), (vec![want.clone()], 0)),
+            None => assert_eq!((invoices.len(), refused), (0, 1), "{customer}"),
+        }
+    }
+
     let first = run.finalize(&plans, "demo", &batch).await.expect("final");
     assert_eq!((first.written, first.already_final), (3, 0));
     let lines: usize = expect.values().map(|i| i.lines.len()).sum();
