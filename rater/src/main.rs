@@ -440,13 +440,6 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
     if final_run {
         run = run.with_publisher(Notifier::new(&config.kafka, &config.rater.invoice_topic)?);
     }
-    // A final run without --at invoices each customer's latest closed period.
-    let (batches, mut refused) = match given_at {
-        None if final_run => {
-            closed_billables(&store, plans, tenant, now, grace, batch_size).await?
-        }
-        _ => billables(&store, plans, tenant, at, batch_size).await?,
-    };
     let mut header = true;
     let mut print = |inv: &Invoice| {
         if csv {
@@ -463,7 +456,14 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
         }
     };
     let (mut written, mut already, mut published, mut lines) = (0, 0, 0, 0);
+    let mut refused;
     if final_run {
+        // Without --at, each customer's latest closed period.
+        let batches;
+        (batches, refused) = match given_at {
+            None => closed_billables(&store, plans, tenant, now, grace, batch_size).await?,
+            Some(_) => billables(&store, plans, tenant, at, batch_size).await?,
+        };
         let mut closed_batches = Vec::with_capacity(batches.len());
         for batch in batches {
             let (closed, open): (Vec<Billable>, Vec<Billable>) = batch
@@ -490,11 +490,14 @@ async fn invoice(args: &Args, config: &Config, plans: &Catalog) -> anyhow::Resul
         })
         .await?;
     } else {
-        run.previews(plans, tenant, &batches, |priced| {
-            refused.extend(priced.refused);
-            priced.invoices.iter().for_each(&mut print);
-        })
-        .await?;
+        let mut unpriced = Vec::new();
+        refused = run
+            .preview_all(&store, plans, tenant, at, batch_size, |priced| {
+                unpriced.extend(priced.refused);
+                priced.invoices.iter().for_each(&mut print);
+            })
+            .await?;
+        refused.extend(unpriced);
     }
     for (customer, reason) in &refused {
         eprintln!("tally-rater: customer {customer:?} not invoiced: {reason}");

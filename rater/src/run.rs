@@ -189,10 +189,27 @@ async fn batched(
     tenant: &str,
     batch_size: usize,
     generations: usize,
-    mut place: impl FnMut(&Timeline, &mut Vec<Placed>),
+    place: impl FnMut(&Timeline, &mut Vec<Placed>),
 ) -> Result<Generations, RunError> {
-    let batch_size = batch_size.max(1);
     let mut batches: Vec<Vec<Vec<Billable>>> = vec![Vec::new(); generations];
+    let refused = batched_each(store, tenant, batch_size, generations, place, |g, batch| {
+        batches[g].push(batch)
+    })
+    .await?;
+    Ok((batches, refused))
+}
+
+/// Like [`batched`], handing each batch to `emit` (with its generation) as soon as the
+/// change log has given all its customers; returns the customers that could not be placed.
+async fn batched_each(
+    store: &SubscriptionStore,
+    tenant: &str,
+    batch_size: usize,
+    generations: usize,
+    mut place: impl FnMut(&Timeline, &mut Vec<Placed>),
+    mut emit: impl FnMut(usize, Vec<Billable>),
+) -> Result<Vec<(String, String)>, RunError> {
+    let batch_size = batch_size.max(1);
     let mut current: Vec<Vec<Billable>> = vec![Vec::new(); generations];
     let mut refused = Vec::new();
     let mut placed = Vec::new();
@@ -207,7 +224,7 @@ async fn batched(
                         let open = &mut current[generation];
                         open.push(b);
                         if open.len() == batch_size {
-                            batches[generation].push(std::mem::take(open));
+                            emit(generation, std::mem::take(open));
                         }
                     }
                 }
@@ -216,10 +233,10 @@ async fn batched(
         .await?;
     for (generation, open) in current.into_iter().enumerate() {
         if !open.is_empty() {
-            batches[generation].push(open);
+            emit(generation, open);
         }
     }
-    Ok((batches, refused))
+    Ok(refused)
 }
 
 /// One customer's latest period that closed `grace` or more before `now`, placed as
@@ -749,6 +766,80 @@ impl InvoiceRun {
             each(priced);
         }
         Ok(())
+    }
+
+    /// Previews every customer's period holding `at`, as [`billables`] followed by
+    /// [`previews`](Self::previews) would, with the two overlapped: the change log is read
+    /// on a task of its own, and each batch's usage read starts as soon as the log has given
+    /// all its customers. Batches are handed to `each` in customer order. Returns the
+    /// customers that could not be placed, with the reason.
+    pub async fn preview_all(
+        &self,
+        store: &SubscriptionStore,
+        catalog: &Catalog,
+        tenant: &str,
+        at: OffsetDateTime,
+        batch_size: usize,
+        mut each: impl FnMut(Priced),
+    ) -> Result<Vec<(String, String)>, RunError> {
+        let (sender, mut batches) = tokio::sync::mpsc::unbounded_channel::<Vec<Billable>>();
+        let placing = {
+            let (store, plans, tenant) = (store.clone(), catalog.clone(), tenant.to_owned());
+            tokio::spawn(async move {
+                let place = |timeline: &Timeline, out: &mut Vec<Placed>| {
+                    if let Some(placed) = billable(timeline, &plans, at) {
+                        out.push((0, placed));
+                    }
+                };
+                batched_each(&store, &tenant, batch_size, 1, place, |_, batch| {
+                    // The receiver is gone only when the run already failed.
+                    let _ = sender.send(batch);
+                })
+                .await
+            })
+        };
+        let read = |batch: &[Billable]| {
+            let (requests, meters) = requests(catalog, batch);
+            let (usage, tenant) = (self.usage.clone(), tenant.to_owned());
+            tokio::spawn(async move {
+                let meters: Vec<&str> = meters.iter().map(String::as_str).collect();
+                usage.read(&tenant, &meters, &requests).await
+            })
+        };
+        let mut pending = std::collections::VecDeque::new();
+        let mut open = true;
+        loop {
+            // Up to PREVIEW_READS reads under way; wait for a batch only with none.
+            while open && pending.len() < PREVIEW_READS {
+                let next = if pending.is_empty() {
+                    batches.recv().await
+                } else {
+                    match batches.try_recv() {
+                        Ok(batch) => Some(batch),
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+                    }
+                };
+                match next {
+                    Some(batch) => {
+                        let reading = read(&batch);
+                        pending.push_back((batch, reading));
+                    }
+                    None => open = false,
+                }
+            }
+            let Some((batch, reading)) = pending.pop_front() else {
+                break;
+            };
+            let started = Instant::now();
+            let usage = reading.await.map_err(|e| RunError::Task(e.to_string()))??;
+            let priced = price(catalog, &batch, &usage);
+            count_priced(&priced);
+            metrics::histogram!(BATCH_DURATION, "mode" => "preview")
+                .record(started.elapsed().as_secs_f64());
+            each(priced);
+        }
+        placing.await.map_err(|e| RunError::Task(e.to_string()))?
     }
 
     /// Finalizes a batch of closed periods: invoices already stored are returned as stored;

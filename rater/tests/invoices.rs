@@ -801,6 +801,27 @@ async fn usage_reaching_a_cancelled_subscriptions_last_period_late_is_billed_aft
     })
     .await
     .expect("october again");
+    // The overlapped run (change log and usage read at once) prices the same, one batch
+    // per customer, handed over in customer order.
+    let mut overlapped = BTreeMap::new();
+    let mut order = Vec::new();
+    let unplaced = run
+        .preview_all(
+            &store,
+            &plans,
+            "demo",
+            datetime!(2026-10-15 0:00 UTC),
+            1,
+            |p| {
+                order.extend(p.invoices.iter().map(|i| i.customer.clone()));
+                overlapped.extend(p.invoices.into_iter().map(|i| (i.customer.clone(), i)));
+            },
+        )
+        .await
+        .expect("overlapped preview");
+    assert!(unplaced.is_empty(), "{unplaced:?}");
+    assert_eq!(overlapped, now);
+    assert_eq!(order, ["alpha", "beta"]);
     let november = finalize(datetime!(2026-11-15 0:00 UTC)).await;
     let written: usize = november.iter().map(|d| d.written).sum();
     assert_eq!(written, 1, "alpha's adjustments only; beta has none");
