@@ -378,6 +378,20 @@ pub fn invoice_id(tenant: &str, invoice: &Invoice) -> String {
 /// BENCHMARKS.md).
 pub const PREVIEW_READS: usize = 3;
 
+/// A previewed batch, priced and counted; `started` is when its turn came.
+fn priced_preview(
+    catalog: &Catalog,
+    batch: &[Billable],
+    usage: &UsageTable,
+    started: Instant,
+) -> Priced {
+    let priced = price(catalog, batch, usage);
+    count_priced(&priced);
+    metrics::histogram!(BATCH_DURATION, "mode" => "preview")
+        .record(started.elapsed().as_secs_f64());
+    priced
+}
+
 /// Prices a batch from usage already read. Pure.
 pub fn price(catalog: &Catalog, batch: &[Billable], usage: &UsageTable) -> Priced {
     let mut out = Priced {
@@ -727,6 +741,21 @@ impl InvoiceRun {
         Ok(priced)
     }
 
+    /// Reads a batch's usage on a task of its own.
+    fn spawn_read(
+        &self,
+        catalog: &Catalog,
+        tenant: &str,
+        batch: &[Billable],
+    ) -> tokio::task::JoinHandle<Result<UsageTable, UsageError>> {
+        let (requests, meters) = requests(catalog, batch);
+        let (usage, tenant) = (self.usage.clone(), tenant.to_owned());
+        tokio::spawn(async move {
+            let meters: Vec<&str> = meters.iter().map(String::as_str).collect();
+            usage.read(&tenant, &meters, &requests).await
+        })
+    }
+
     /// Previews every batch in order, handing each batch's outcome to `each`: the next
     /// [`PREVIEW_READS`] batches' usage is read (by ClickHouse, on tasks of their own)
     /// while this one is priced.
@@ -737,14 +766,7 @@ impl InvoiceRun {
         batches: &[Vec<Billable>],
         mut each: impl FnMut(Priced),
     ) -> Result<(), RunError> {
-        let read = |batch: &[Billable]| {
-            let (requests, meters) = requests(catalog, batch);
-            let (usage, tenant) = (self.usage.clone(), tenant.to_owned());
-            tokio::spawn(async move {
-                let meters: Vec<&str> = meters.iter().map(String::as_str).collect();
-                usage.read(&tenant, &meters, &requests).await
-            })
-        };
+        let read = |batch: &[Billable]| self.spawn_read(catalog, tenant, batch);
         let mut pending: std::collections::VecDeque<_> = batches
             .iter()
             .take(PREVIEW_READS)
@@ -759,11 +781,7 @@ impl InvoiceRun {
             if let Some(b) = batches.get(i + PREVIEW_READS) {
                 pending.push_back(read(b));
             }
-            let priced = price(catalog, batch, &usage);
-            count_priced(&priced);
-            metrics::histogram!(BATCH_DURATION, "mode" => "preview")
-                .record(started.elapsed().as_secs_f64());
-            each(priced);
+            each(priced_preview(catalog, batch, &usage, started));
         }
         Ok(())
     }
@@ -798,14 +816,7 @@ impl InvoiceRun {
                 .await
             })
         };
-        let read = |batch: &[Billable]| {
-            let (requests, meters) = requests(catalog, batch);
-            let (usage, tenant) = (self.usage.clone(), tenant.to_owned());
-            tokio::spawn(async move {
-                let meters: Vec<&str> = meters.iter().map(String::as_str).collect();
-                usage.read(&tenant, &meters, &requests).await
-            })
-        };
+        let read = |batch: &[Billable]| self.spawn_read(catalog, tenant, batch);
         let mut pending = std::collections::VecDeque::new();
         let mut open = true;
         loop {
@@ -833,11 +844,7 @@ impl InvoiceRun {
             };
             let started = Instant::now();
             let usage = reading.await.map_err(|e| RunError::Task(e.to_string()))??;
-            let priced = price(catalog, &batch, &usage);
-            count_priced(&priced);
-            metrics::histogram!(BATCH_DURATION, "mode" => "preview")
-                .record(started.elapsed().as_secs_f64());
-            each(priced);
+            each(priced_preview(catalog, &batch, &usage, started));
         }
         placing.await.map_err(|e| RunError::Task(e.to_string()))?
     }
