@@ -464,8 +464,12 @@ pub fn in_table_order(parts: Vec<Columns>) -> Columns {
         return parts.into_iter().next().unwrap_or_default();
     }
 
-    // Where each row's value starts in a string column of each part.
+    // Where each row's value starts in a string column of each part (a column no row
+    // filled holds nothing: every value is the empty string).
     let bounds = |c: usize| -> Vec<Vec<usize>> {
+        if !used[c] {
+            return parts.iter().map(|p| vec![0; p.rows + 1]).collect();
+        }
         parts
             .iter()
             .map(|p| string_bounds(&p.cols[c], p.rows))
@@ -648,6 +652,9 @@ fn string_bounds(col: &[u8], n: usize) -> Vec<usize> {
 
 /// A string's bytes, without its length, from its encoded boundaries.
 fn string_at(col: &[u8], from: usize, to: usize) -> &[u8] {
+    if from == to {
+        return &[];
+    }
     let (_, width) = read_len(&col[from..to]);
     &col[from + width..to]
 }
@@ -983,6 +990,25 @@ mod tests {
         let mut expected: Vec<LedgerRow> = first.iter().chain(&second).cloned().collect();
         expected.sort_by(|a, b| table_key(a).cmp(&table_key(b)));
         assert_eq!(rows[..8], expected[..]);
+    }
+
+    #[test]
+    fn key_columns_no_row_filled_sort_as_empty_strings() {
+        let rows = [(9u32, "b"), (3, "z"), (9, "a")].map(|(time, id)| LedgerRow {
+            kind: KIND_EVENT,
+            time,
+            id: id.into(),
+            ..LedgerRow::default()
+        });
+        let mut part = Columns::default();
+        rows.iter().for_each(|r| r.encode(&mut part));
+        let mut body = Body::default();
+        body.append(part);
+        let got: Vec<(u32, String)> = rows_of(&body.into_chunks().concat())
+            .into_iter()
+            .map(|r| (r.time, r.id))
+            .collect();
+        assert_eq!(got, [(3, "z".into()), (9, "a".into()), (9, "b".into())]);
     }
 
     proptest::proptest! {
