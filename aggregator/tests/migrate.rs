@@ -189,21 +189,33 @@ async fn a_flush_reaches_events_raw_already_in_its_order() {
     }
     insert.end().await.expect("insert");
 
+    // The server logs a query when it finishes it, which may be just after it answered.
     let db = migrate::client(&c);
-    db.query("SYSTEM FLUSH LOGS")
-        .execute()
-        .await
-        .expect("flush logs");
-    let (blocks, sorted): (u64, u64) = db
-        .query(
-            "SELECT ProfileEvents.Values[indexOf(ProfileEvents.Names, 'MergeTreeDataWriterBlocks')], \
-             ProfileEvents.Values[indexOf(ProfileEvents.Names, 'MergeTreeDataWriterBlocksAlreadySorted')] \
-             FROM system.query_log WHERE query_id = ? AND type = 2",
-        )
-        .bind(&query_id)
-        .fetch_one()
-        .await
-        .expect("the insert's log entry");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (blocks, sorted): (u64, u64) = loop {
+        db.query("SYSTEM FLUSH LOGS")
+            .execute()
+            .await
+            .expect("flush logs");
+        let logged = db
+            .query(
+                "SELECT ProfileEvents.Values[indexOf(ProfileEvents.Names, 'MergeTreeDataWriterBlocks')], \
+                 ProfileEvents.Values[indexOf(ProfileEvents.Names, 'MergeTreeDataWriterBlocksAlreadySorted')] \
+                 FROM system.query_log WHERE query_id = ? AND type = 2",
+            )
+            .bind(&query_id)
+            .fetch_optional()
+            .await
+            .expect("query_log");
+        if let Some(counts) = logged {
+            break counts;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the insert {query_id} is not in system.query_log after 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert_eq!(blocks, 1, "one part, in events_raw");
     assert_eq!(sorted, blocks, "written without a sort");
     let stored: u64 = db
