@@ -106,13 +106,18 @@ pub async fn billables(
     at: OffsetDateTime,
     batch_size: usize,
 ) -> Result<(Vec<Vec<Billable>>, Vec<(String, String)>), RunError> {
-    let (mut generations, refused) = batched(store, tenant, batch_size, 1, |timeline, out| {
+    let (mut generations, refused) =
+        batched(store, tenant, batch_size, 1, place_at(catalog, at)).await?;
+    Ok((generations.pop().unwrap_or_default(), refused))
+}
+
+/// Places each customer's period holding `at` (see [`billable`]) in the one generation.
+fn place_at(catalog: &Catalog, at: OffsetDateTime) -> impl FnMut(&Timeline, &mut Vec<Placed>) + '_ {
+    move |timeline, out| {
         if let Some(placed) = billable(timeline, catalog, at) {
             out.push((0, placed));
         }
-    })
-    .await?;
-    Ok((generations.pop().unwrap_or_default(), refused))
+    }
 }
 
 /// Like [`billables`], but for each customer's latest period that closed `grace` or more
@@ -804,11 +809,7 @@ impl InvoiceRun {
         let placing = {
             let (store, plans, tenant) = (store.clone(), catalog.clone(), tenant.to_owned());
             tokio::spawn(async move {
-                let place = |timeline: &Timeline, out: &mut Vec<Placed>| {
-                    if let Some(placed) = billable(timeline, &plans, at) {
-                        out.push((0, placed));
-                    }
-                };
+                let place = place_at(&plans, at);
                 batched_each(&store, &tenant, batch_size, 1, place, |_, batch| {
                     // The receiver is gone only when the run already failed.
                     let _ = sender.send(batch);
