@@ -6,20 +6,18 @@
 //! same [`Measurement`] or the same refusal: a flat reading that would refuse defers to the
 //! tree, which owns the error messages. `validate/tests.rs` checks the equivalence.
 
-use std::collections::BTreeMap;
-
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::catalog::Meter;
 use crate::quantity::Quantity;
+use crate::scan::{Cursor, Flat};
 use crate::validate::{measure, Measurement, MeterValue, Rejection};
 
 /// A `data` object ready to be measured by any number of meters.
 #[derive(Debug)]
 pub struct EventData<'a> {
     text: &'a str,
-    flat: Option<BTreeMap<&'a str, &'a RawValue>>,
+    flat: Option<Flat<'a>>,
 }
 
 impl<'a> EventData<'a> {
@@ -56,17 +54,12 @@ impl<'a> EventData<'a> {
 }
 
 /// The object as borrowed scalars, or `None` when it needs the tree.
-pub(crate) fn flat(text: &str) -> Option<BTreeMap<&str, &RawValue>> {
-    if text.contains('\\') {
-        return None;
-    }
-    let map: BTreeMap<&str, &RawValue> = serde_json::from_str(text).ok()?;
-    let scalar = |v: &&RawValue| match v.get().as_bytes().first() {
-        Some(b'{' | b'[') | None => false,
-        Some(b'-' | b'0'..=b'9') => !v.get().contains(['e', 'E']),
-        _ => true,
-    };
-    map.values().all(scalar).then_some(map)
+pub(crate) fn flat(text: &str) -> Option<Flat<'_>> {
+    let mut cursor = Cursor::new(text);
+    cursor.ws();
+    let flat = Flat::read(&mut cursor)?;
+    cursor.ws();
+    cursor.at_end().then_some(flat)
 }
 
 /// The content of a JSON string literal without escapes.
@@ -77,7 +70,7 @@ fn unquote(v: &str) -> Option<&str> {
 /// [`measure`] on flat data; `None` where it would refuse.
 pub(crate) fn measure_flat(
     meter: &Meter,
-    data: &BTreeMap<&str, &RawValue>,
+    data: &Flat<'_>,
     max_chars: usize,
 ) -> Option<Measurement> {
     // A dotted path reaches into an object; flat data has none.
@@ -85,7 +78,7 @@ pub(crate) fn measure_flat(
         if path.contains('.') {
             None
         } else {
-            data.get(path).map(|v| v.get()).filter(|v| *v != "null")
+            data.get(path).filter(|v| *v != "null")
         }
     };
     let value = match &meter.value {

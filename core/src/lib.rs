@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod event;
 pub mod quantity;
+mod scan;
 pub mod validate;
 
 pub use body::{BodyError, BodyFormat};

@@ -139,34 +139,48 @@ impl Validator<'_> {
         tenant: &Tenant,
         now: OffsetDateTime,
     ) -> Result<(Vec<Encoded>, Vec<Refused>), BodyError> {
-        let raw = body::split_raw(body, format, max_events)?;
+        let stamp = fast::Stamp::new(now);
+        let items = match fast::array(body, format, max_events) {
+            Some(items) => items,
+            None => body::split_raw(body, format, max_events)?
+                .into_iter()
+                .map(fast::Item::Raw)
+                .collect(),
+        };
         let mut whole_body_error = None;
         let result = dedupe(
-            raw,
-            |c| match c {
-                RawCandidate::Parsed(c) => self.candidate(c, tenant, now).map(|r| Encoded::of(&r)),
-                RawCandidate::Text { raw, line } => {
-                    if let Some(fast) = self.fast(raw, tenant, now) {
-                        return Ok(Encoded {
-                            id: fast.id,
-                            key: fast.key.into_bytes(),
-                            payload: fast.payload,
-                        });
+            items,
+            |item| {
+                let (raw, line, envelope) = match item {
+                    fast::Item::Read(raw, e) => (raw, None, Some(e)),
+                    fast::Item::Raw(RawCandidate::Parsed(c)) => {
+                        return self.candidate(c, tenant, now).map(|r| Encoded::of(&r))
                     }
-                    let candidate = match (serde_json::from_str::<Value>(raw), line) {
-                        (Ok(Value::Object(o)), _) => Ok(o),
-                        (Ok(_), _) => Err("event: must be a JSON object".to_owned()),
-                        (Err(_), Some(line)) => body::parse_line(raw.as_bytes(), line),
-                        (Err(_), None) => {
-                            // Sliced out of a body that parsed, yet it does not parse alone
-                            // (a nesting limit): the whole body's error is the answer.
-                            whole_body_error = Some(());
-                            Err(String::new())
-                        }
-                    };
-                    self.candidate(candidate, tenant, now)
-                        .map(|r| Encoded::of(&r))
+                    fast::Item::Raw(RawCandidate::Text { raw, line }) => {
+                        (raw, line, fast::Envelope::parse(raw))
+                    }
+                };
+                if let Some(fast) = envelope.and_then(|e| self.fast(&e, tenant, &stamp)) {
+                    return Ok(Encoded {
+                        id: fast.id,
+                        key: fast.key.into_bytes(),
+                        payload: fast.payload,
+                    });
                 }
+                let candidate = match (serde_json::from_str::<Value>(raw), line) {
+                    (Ok(Value::Object(o)), _) => Ok(o),
+                    (Ok(_), _) => Err("event: must be a JSON object".to_owned()),
+                    (Err(_), Some(line)) => body::parse_line(raw.as_bytes(), line),
+                    (Err(_), None) => {
+                        // Sliced out of a body that may not parse, or that parsed yet does
+                        // not parse alone (a nesting limit): the whole body's error is
+                        // the answer.
+                        whole_body_error = Some(());
+                        Err(String::new())
+                    }
+                };
+                self.candidate(candidate, tenant, now)
+                    .map(|r| Encoded::of(&r))
             },
             // The key is tenant/customer, the tenant the same for the whole request.
             |e| (e.key.as_slice(), e.id.as_str()),
@@ -327,7 +341,8 @@ fn dedupe<C, T>(
     let mut refused = Vec::new();
     // The accepted events by identity, as positions in `accepted`: nothing is copied.
     let hasher = hashbrown::DefaultHashBuilder::default();
-    let mut seen: hashbrown::HashTable<usize> = hashbrown::HashTable::new();
+    let mut seen: hashbrown::HashTable<usize> =
+        hashbrown::HashTable::with_capacity(candidates.len());
     for (index, candidate) in candidates.into_iter().enumerate() {
         let result = check(candidate).and_then(|t| {
             let key = identity(&t);

@@ -7,21 +7,20 @@
 //! the caller runs the full validator, which owns every error message. So both paths
 //! accept the same events and write the same bytes; `tests.rs` checks that property.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 
-use serde::{Deserialize, Deserializer};
-use serde_json::value::RawValue;
 use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
+use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
 use super::{check_time, parse_time, valid_string, Dialect, Validator};
+use crate::body::{BodyFormat, RawCandidate};
 use crate::config::Tenant;
-use crate::data::{flat, measure_flat};
+use crate::data::measure_flat;
 use crate::event::{record_key, RECORD_VERSION};
+use crate::scan::{Cursor, Flat};
 
-/// One envelope field as sent. A string with escapes fails the parse (it cannot be
-/// borrowed), which sends the event to the full validator.
+/// One envelope field as sent. A string with escapes is not read here (the event goes to
+/// the full validator).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Field<'a> {
     #[default]
@@ -37,47 +36,141 @@ impl<'a> Field<'a> {
             Field::Absent | Field::Null => None,
         }
     }
-}
 
-impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(match Option::<&'de str>::deserialize(d)? {
-            None => Field::Null,
-            Some(s) => Field::Str(s),
-        })
+    /// Reads the field's value at the cursor: a plain string or `null`, sent once.
+    fn read(&mut self, c: &mut Cursor<'a>) -> Option<()> {
+        if *self != Field::Absent {
+            return None;
+        }
+        *self = if c.null() {
+            Field::Null
+        } else {
+            Field::Str(c.plain_string()?)
+        };
+        Some(())
     }
 }
 
-/// The envelope as sent. Unknown fields, duplicate fields and non-string values fail the
-/// parse, which sends the event to the full validator.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Envelope<'a> {
-    #[serde(borrow, default)]
+/// An event in the common shape, read in one pass: envelope fields that are plain strings
+/// (or null), each at most once, no other field, and `data` a flat object of scalars.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(super) struct Envelope<'a> {
     id: Field<'a>,
-    #[serde(borrow, default)]
     customer: Field<'a>,
-    #[serde(borrow, default)]
     subject: Field<'a>,
-    #[serde(borrow, default, rename = "type")]
     event_type: Field<'a>,
-    #[serde(borrow, default)]
     time: Field<'a>,
-    #[serde(borrow, default)]
     source: Field<'a>,
-    #[serde(borrow, default)]
     specversion: Field<'a>,
-    #[serde(borrow, default)]
     datacontenttype: Field<'a>,
-    #[serde(borrow, default)]
     dataschema: Field<'a>,
-    #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
+    data: Option<Flat<'a>>,
 }
 
-/// `data` with scalar values only, keys in the order the record writes them (the record's
-/// map is sorted, and a repeated key keeps its last value, as in the full path).
-type FlatData<'a> = BTreeMap<&'a str, &'a RawValue>;
+impl<'a> Envelope<'a> {
+    /// Reads one event object at the cursor, or `None` when it is not in the common shape.
+    pub(super) fn read(c: &mut Cursor<'a>) -> Option<Envelope<'a>> {
+        let mut e = Envelope::default();
+        c.object(|key, c| match key {
+            "id" => e.id.read(c),
+            "customer" => e.customer.read(c),
+            "subject" => e.subject.read(c),
+            "type" => e.event_type.read(c),
+            "time" => e.time.read(c),
+            "source" => e.source.read(c),
+            "specversion" => e.specversion.read(c),
+            "datacontenttype" => e.datacontenttype.read(c),
+            "dataschema" => e.dataschema.read(c),
+            "data" if e.data.is_none() => {
+                e.data = Some(Flat::read(c)?);
+                Some(())
+            }
+            _ => None,
+        })?;
+        Some(e)
+    }
+
+    /// Reads `text`, one event object with nothing but whitespace around it.
+    pub(super) fn parse(text: &'a str) -> Option<Envelope<'a>> {
+        let mut c = Cursor::new(text);
+        c.ws();
+        let e = Envelope::read(&mut c)?;
+        c.ws();
+        c.at_end().then_some(e)
+    }
+}
+
+/// One event of a request body: read in the common shape already, or as the body split
+/// gave it.
+// Nearly every item is `Read`: boxing it would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Item<'a> {
+    Read(&'a str, Envelope<'a>),
+    Raw(RawCandidate<'a>),
+}
+
+/// A JSON array body in one pass: each event in the common shape read as it is met, any
+/// other element stepped over and left for the full parse. `None` when the body is not
+/// plainly an array of 1..=`max_events` values (the general split then decides, with its
+/// errors). Steps are loose only around elements left for the full parse, and each of
+/// those is parsed alone before it is trusted (see `encode_body`).
+pub(super) fn array(body: &[u8], format: BodyFormat, max_events: usize) -> Option<Vec<Item<'_>>> {
+    if !matches!(format, BodyFormat::Json | BodyFormat::CloudEventsBatch) {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    let mut c = Cursor::new(text);
+    c.ws();
+    if !c.eat(b'[') {
+        return None;
+    }
+    let mut items = Vec::with_capacity((body.len() / 128).clamp(1, max_events.max(1)));
+    loop {
+        c.ws();
+        if items.len() == max_events {
+            return None;
+        }
+        let start = c.pos();
+        let item = match Envelope::read(&mut c) {
+            Some(e) => Item::Read(&text[start..c.pos()], e),
+            None => {
+                let mut skip = Cursor::new(text);
+                skip.advance(start);
+                skip.skip()?;
+                c = skip;
+                Item::Raw(RawCandidate::Text {
+                    raw: &text[start..c.pos()],
+                    line: None,
+                })
+            }
+        };
+        items.push(item);
+        c.ws();
+        if c.eat(b',') {
+            continue;
+        }
+        if !c.eat(b']') {
+            return None;
+        }
+        c.ws();
+        return c.at_end().then_some(items);
+    }
+}
+
+/// What every event of one request shares: the receipt time, and its text in records.
+pub(super) struct Stamp {
+    pub(super) now: OffsetDateTime,
+    pub(super) text: String,
+}
+
+impl Stamp {
+    pub(super) fn new(now: OffsetDateTime) -> Stamp {
+        let text = now
+            .format(&Rfc3339)
+            .expect("a clock reading formats as RFC 3339");
+        Stamp { now, text }
+    }
+}
 
 /// An event accepted by the fast path: its id and its record's bytes.
 pub(super) struct Fast {
@@ -87,10 +180,10 @@ pub(super) struct Fast {
 }
 
 impl Validator<'_> {
-    /// Accepts `raw` (one event object) without building a JSON tree, or returns `None`
-    /// for the full validator to decide.
-    pub(super) fn fast(&self, raw: &str, tenant: &Tenant, now: OffsetDateTime) -> Option<Fast> {
-        let e: Envelope<'_> = serde_json::from_str(raw).ok()?;
+    /// Accepts an event read by [`Envelope::read`], or returns `None` for the full
+    /// validator to decide.
+    pub(super) fn fast(&self, e: &Envelope<'_>, tenant: &Tenant, stamp: &Stamp) -> Option<Fast> {
+        let now = stamp.now;
         let l = self.limits;
         let ok = |f: Field<'_>, max| f.get().is_none_or(|s| valid_string(s, max));
         if !(ok(e.specversion, 16)
@@ -128,14 +221,15 @@ impl Validator<'_> {
             .get()
             .filter(|s| valid_string(s, l.max_type_chars))?;
         let time = match e.time.get() {
-            None => now,
-            Some(s) => parse_time(s).ok()?,
+            None => EventTime::Now,
+            Some(s) => match canonical_utc(s) {
+                Some(t) => EventTime::Canonical(t, s),
+                None => EventTime::Other(parse_time(s).ok()?),
+            },
         };
-        check_time(time, now, l).ok()?;
-        let data: FlatData<'_> = match e.data {
-            None => BTreeMap::new(),
-            Some(raw) => flat(raw.get())?,
-        };
+        check_time(time.at(now), now, l).ok()?;
+        let empty = Flat::default();
+        let data = e.data.as_ref().unwrap_or(&empty);
         if data.len() > l.max_properties || (!data.is_empty() && l.max_depth == 0) {
             return None;
         }
@@ -143,20 +237,22 @@ impl Validator<'_> {
             return None;
         }
         for meter in self.catalog.meters_for_type(event_type) {
-            measure_flat(meter, &data, l.max_dimension_chars)?;
+            measure_flat(meter, data, l.max_dimension_chars)?;
         }
 
-        let mut payload = Vec::with_capacity(raw.len() + tenant.id.len() + 96);
+        let mut payload = Vec::with_capacity(
+            96 + tenant.id.len() + id.len() + customer.len() + event_type.len() + 2 * 32,
+        );
         let record = Record {
             tenant: &tenant.id,
             id,
             customer,
             event_type,
             time,
-            received_at: now,
+            received_at: &stamp.text,
             source,
         };
-        record.write(&mut payload, &data)?;
+        record.write(&mut payload, data)?;
         Some(Fast {
             key: record_key(&tenant.id, customer),
             id: id.to_owned(),
@@ -165,46 +261,113 @@ impl Validator<'_> {
     }
 }
 
+/// An event's time as the record writes it.
+#[derive(Clone, Copy)]
+enum EventTime<'a> {
+    /// Absent: the receipt time.
+    Now,
+    /// Sent as `YYYY-MM-DDTHH:MM:SSZ`, which is already how the record writes it.
+    Canonical(OffsetDateTime, &'a str),
+    /// Any other RFC 3339 spelling, normalized to UTC.
+    Other(OffsetDateTime),
+}
+
+impl EventTime<'_> {
+    fn at(self, now: OffsetDateTime) -> OffsetDateTime {
+        match self {
+            EventTime::Now => now,
+            EventTime::Canonical(t, _) | EventTime::Other(t) => t,
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` read without the general parser; `None` for any other spelling
+/// and for anything the calendar refuses (a leap second included), which the general
+/// parser then decides. For every text it accepts, `OffsetDateTime`'s RFC 3339 output is
+/// that same text.
+fn canonical_utc(s: &str) -> Option<OffsetDateTime> {
+    let b = s.as_bytes();
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
+        return None;
+    }
+    let num = |from: usize, to: usize| -> Option<u32> {
+        b[from..to].iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let year = i32::try_from(num(0, 4)?).ok()?;
+    let month = Month::try_from(u8::try_from(num(5, 7)?).ok()?).ok()?;
+    let day = u8::try_from(num(8, 10)?).ok()?;
+    let date = Date::from_calendar_date(year, month, day).ok()?;
+    let t = Time::from_hms(
+        u8::try_from(num(11, 13)?).ok()?,
+        u8::try_from(num(14, 16)?).ok()?,
+        u8::try_from(num(17, 19)?).ok()?,
+    )
+    .ok()?;
+    Some(PrimitiveDateTime::new(date, t).assume_utc())
+}
+
 /// The envelope of a record, borrowed.
 struct Record<'a> {
     tenant: &'a str,
     id: &'a str,
     customer: &'a str,
     event_type: &'a str,
-    time: OffsetDateTime,
-    received_at: OffsetDateTime,
+    time: EventTime<'a>,
+    received_at: &'a str,
     source: Option<&'a str>,
 }
 
 impl Record<'_> {
-    /// Writes the record exactly as `serde_json::to_vec(&UsageRecord)` does.
-    fn write(&self, out: &mut Vec<u8>, data: &FlatData<'_>) -> Option<()> {
-        let string = |out: &mut Vec<u8>, s: &str| serde_json::to_writer(out, s).ok();
+    /// Writes the record exactly as `serde_json::to_vec(&UsageRecord)` does. Every string
+    /// but the tenant was read as a plain string (no escapes, no control characters), which
+    /// serde_json writes as it is between quotes.
+    fn write(&self, out: &mut Vec<u8>, data: &Flat<'_>) -> Option<()> {
+        let plain = |out: &mut Vec<u8>, s: &str| {
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
+        };
         write!(out, "{{\"v\":{RECORD_VERSION},\"tenant\":").ok()?;
-        string(out, self.tenant)?;
+        serde_json::to_writer(&mut *out, self.tenant).ok()?;
         out.extend_from_slice(b",\"id\":");
-        string(out, self.id)?;
+        plain(out, self.id);
         out.extend_from_slice(b",\"customer\":");
-        string(out, self.customer)?;
+        plain(out, self.customer);
         out.extend_from_slice(b",\"type\":");
-        string(out, self.event_type)?;
-        out.extend_from_slice(b",\"time\":\"");
-        self.time.format_into(out, &Rfc3339).ok()?;
-        out.extend_from_slice(b"\",\"received_at\":\"");
-        self.received_at.format_into(out, &Rfc3339).ok()?;
-        out.push(b'"');
+        plain(out, self.event_type);
+        out.extend_from_slice(b",\"time\":");
+        match self.time {
+            EventTime::Now => plain(out, self.received_at),
+            EventTime::Canonical(_, text) => plain(out, text),
+            EventTime::Other(t) => {
+                out.push(b'"');
+                t.format_into(out, &Rfc3339).ok()?;
+                out.push(b'"');
+            }
+        }
+        out.extend_from_slice(b",\"received_at\":");
+        plain(out, self.received_at);
         if let Some(source) = self.source {
             out.extend_from_slice(b",\"source\":");
-            string(out, source)?;
+            plain(out, source);
         }
         out.extend_from_slice(b",\"data\":{");
         for (i, (k, v)) in data.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            string(out, k)?;
+            plain(out, k);
             out.push(b':');
-            out.extend_from_slice(v.get().as_bytes());
+            out.extend_from_slice(v.as_bytes());
         }
         out.extend_from_slice(b"}}");
         Some(())
