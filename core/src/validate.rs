@@ -160,7 +160,7 @@ impl Validator<'_> {
                         (raw, line, fast::Envelope::parse(raw))
                     }
                 };
-                if let Some(fast) = envelope.and_then(|e| self.fast(&e, tenant, &stamp)) {
+                if let Some(fast) = envelope.and_then(|e| self.fast(raw, &e, tenant, &stamp)) {
                     return Ok(Encoded {
                         id: fast.id,
                         key: fast.key.into_bytes(),

@@ -180,9 +180,15 @@ pub(super) struct Fast {
 }
 
 impl Validator<'_> {
-    /// Accepts an event read by [`Envelope::read`], or returns `None` for the full
+    /// Accepts an event read by [`Envelope::read`] from `raw`, or returns `None` for the full
     /// validator to decide.
-    pub(super) fn fast(&self, e: &Envelope<'_>, tenant: &Tenant, stamp: &Stamp) -> Option<Fast> {
+    pub(super) fn fast(
+        &self,
+        raw: &str,
+        e: &Envelope<'_>,
+        tenant: &Tenant,
+        stamp: &Stamp,
+    ) -> Option<Fast> {
         let now = stamp.now;
         let l = self.limits;
         let ok = |f: Field<'_>, max| f.get().is_none_or(|s| valid_string(s, max));
@@ -240,9 +246,8 @@ impl Validator<'_> {
             measure_flat(meter, data, l.max_dimension_chars)?;
         }
 
-        let mut payload = Vec::with_capacity(
-            96 + tenant.id.len() + id.len() + customer.len() + event_type.len() + 2 * 32,
-        );
+        // The record is the event's text plus the tenant, the receipt time and some keys.
+        let mut payload = Vec::with_capacity(raw.len() + tenant.id.len() + 96);
         let record = Record {
             tenant: &tenant.id,
             id,
@@ -266,7 +271,7 @@ impl Validator<'_> {
 enum EventTime<'a> {
     /// Absent: the receipt time.
     Now,
-    /// Sent as `YYYY-MM-DDTHH:MM:SSZ`, which is already how the record writes it.
+    /// Sent as the record writes it (see [`canonical_utc`]).
     Canonical(OffsetDateTime, &'a str),
     /// Any other RFC 3339 spelling, normalized to UTC.
     Other(OffsetDateTime),
@@ -281,37 +286,40 @@ impl EventTime<'_> {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` read without the general parser; `None` for any other spelling
-/// and for anything the calendar refuses (a leap second included), which the general
-/// parser then decides. For every text it accepts, `OffsetDateTime`'s RFC 3339 output is
-/// that same text.
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` read without the general parser, for the spellings
+/// that `OffsetDateTime`'s RFC 3339 output gives back unchanged: a fraction of 1 to 9
+/// digits not ending in 0. `None` for any other spelling and for anything the calendar
+/// refuses (a leap second included); the general parser then decides.
 fn canonical_utc(s: &str) -> Option<OffsetDateTime> {
     let b = s.as_bytes();
-    if b.len() != 20
+    if b.len() < 20
         || b[4] != b'-'
         || b[7] != b'-'
         || b[10] != b'T'
         || b[13] != b':'
         || b[16] != b':'
-        || b[19] != b'Z'
+        || b[b.len() - 1] != b'Z'
     {
         return None;
     }
-    let num = |from: usize, to: usize| -> Option<u32> {
-        b[from..to].iter().try_fold(0u32, |n, &d| {
+    let num = |digits: &[u8]| -> Option<u32> {
+        digits.iter().try_fold(0u32, |n, &d| {
             d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
         })
     };
-    let year = i32::try_from(num(0, 4)?).ok()?;
-    let month = Month::try_from(u8::try_from(num(5, 7)?).ok()?).ok()?;
-    let day = u8::try_from(num(8, 10)?).ok()?;
-    let date = Date::from_calendar_date(year, month, day).ok()?;
-    let t = Time::from_hms(
-        u8::try_from(num(11, 13)?).ok()?,
-        u8::try_from(num(14, 16)?).ok()?,
-        u8::try_from(num(17, 19)?).ok()?,
-    )
-    .ok()?;
+    let nanos = match &b[19..b.len() - 1] {
+        [] => 0,
+        [b'.', fraction @ ..]
+            if (1..=9).contains(&fraction.len()) && fraction.last() != Some(&b'0') =>
+        {
+            num(fraction)? * 10u32.pow(9 - fraction.len() as u32)
+        }
+        _ => return None,
+    };
+    let byte = |from: usize| u8::try_from(num(&b[from..from + 2])?).ok();
+    let year = i32::try_from(num(&b[0..4])?).ok()?;
+    let date = Date::from_calendar_date(year, Month::try_from(byte(5)?).ok()?, byte(8)?).ok()?;
+    let t = Time::from_hms_nano(byte(11)?, byte(14)?, byte(17)?, nanos).ok()?;
     Some(PrimitiveDateTime::new(date, t).assume_utc())
 }
 
@@ -371,5 +379,66 @@ impl Record<'_> {
         }
         out.extend_from_slice(b"}}");
         Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn any_time_the_record_writes_is_read_back_canonically(
+            secs in 0i64..4_000_000_000,
+            nanos in prop_oneof![Just(0u32), 0u32..1_000_000_000, (0u32..1000).prop_map(|m| m * 1_000_000)],
+        ) {
+            let t = OffsetDateTime::from_unix_timestamp(secs).expect("in range")
+                + time::Duration::nanoseconds(i64::from(nanos));
+            let s = t.format(&Rfc3339).expect("formats");
+            prop_assert_eq!(canonical_utc(&s), Some(t), "{}", s);
+        }
+
+        #[test]
+        fn whatever_is_read_canonically_is_written_back_unchanged(
+            s in "20[0-9]{2}-(0[1-9]|1[0-3])-([0-2][0-9]|3[01])T([01][0-9]|2[0-4]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]{0,10})?Z",
+        ) {
+            if let Some(t) = canonical_utc(&s) {
+                prop_assert_eq!(t.format(&Rfc3339).expect("formats"), s.clone());
+                prop_assert_eq!(parse_time(&s).expect("parses"), t);
+            }
+        }
+    }
+
+    #[test]
+    fn canonical_times_are_exactly_what_the_record_writes() {
+        for s in [
+            "2026-11-24T11:00:00Z",
+            "2026-11-24T11:00:00.5Z",
+            "2026-11-24T11:00:00.12Z",
+            "2026-11-24T11:00:00.123456789Z",
+            "2024-02-29T23:59:59.000000001Z",
+        ] {
+            let t = canonical_utc(s).expect(s);
+            assert_eq!(t, parse_time(s).expect(s), "{s}");
+            assert_eq!(t.format(&Rfc3339).expect("formats"), s);
+        }
+        for s in [
+            "2026-11-24T11:00:00.120Z",
+            "2026-11-24T11:00:00.000Z",
+            "2026-11-24T11:00:00.Z",
+            "2026-11-24T11:00:00.1234567891Z",
+            "2026-11-24T11:59:60Z",
+            "2026-02-29T11:00:00Z",
+            "2026-11-24t11:00:00z",
+            "2026-11-24T11:00:00+00:00",
+            "2026-11-24T24:00:00Z",
+            "2026-13-24T11:00:00Z",
+            "+026-11-24T11:00:00Z",
+        ] {
+            assert_eq!(canonical_utc(s), None, "{s}");
+        }
     }
 }

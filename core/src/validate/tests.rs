@@ -480,6 +480,15 @@ fn event_text() -> impl Strategy<Value = String> {
         1 => Just("\"2026-11-24T13:00:00+02:00\"".to_owned()),
         1 => Just("\"2026-11-24T11:00:00.123456789Z\"".to_owned()),
         1 => Just("\"2026-11-24T11:59:60Z\"".to_owned()),
+        2 => (-700_000_000_000_000i64..400_000_000_000).prop_map(|n| {
+            let t = NOW + time::Duration::nanoseconds(n);
+            format!("\"{}\"", t.format(&Rfc3339).expect("format"))
+        }),
+        1 => Just("\"2026-11-24T11:00:00.120Z\"".to_owned()),
+        1 => Just("\"2026-11-24T11:00:00.5Z\"".to_owned()),
+        1 => Just("\"2026-11-24T11:00:00.000Z\"".to_owned()),
+        1 => Just("\"2026-11-24T11:00:00.Z\"".to_owned()),
+        1 => Just("\"2026-11-24T11:00:00.1234567891Z\"".to_owned()),
         1 => Just("\"2026-11-24t11:00:00z\"".to_owned()),
         1 => Just("\"2026-02-30T11:00:00Z\"".to_owned()),
         1 => Just("\"2026-11-24T11:00:00+00:00\"".to_owned()),
@@ -592,7 +601,7 @@ proptest! {
 
 fn fast_text(v: &Validator<'_>, raw: &str) -> Option<fast::Fast> {
     let e = fast::Envelope::parse(raw)?;
-    v.fast(&e, &tenant(true), &fast::Stamp::new(NOW))
+    v.fast(raw, &e, &tenant(true), &fast::Stamp::new(NOW))
 }
 
 #[test]
