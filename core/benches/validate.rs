@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
                     .encode_body(&body, BodyFormat::Json, 10_000, &tenant, now)
                     .expect("body");
                 assert!(refused.is_empty());
-                ok.into_iter().map(|r| r.payload.len()).sum::<usize>()
+                ok.into_iter().map(|r| r.payload().len()).sum::<usize>()
             })
         });
     }

@@ -288,8 +288,8 @@ impl EventSink for Arc<KafkaSink> {
         let mut refused = None;
         for (i, record) in records.iter().enumerate() {
             let message = BaseRecord::with_opaque_to(&self.topic, pending.clone())
-                .key(&record.key)
-                .payload(&record.payload);
+                .key(record.key())
+                .payload(record.payload());
             if let Err((e, _)) = self.producer.send(message) {
                 // The producer refused one: refuse the rest of the request for the same
                 // reason rather than store a gap-filled remainder.

@@ -12,11 +12,11 @@ use std::io::Write;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
-use super::{check_time, parse_time, valid_string, Dialect, Validator};
+use super::{check_time, parse_time, valid_string, Dialect, Encoded, Validator};
 use crate::body::{BodyFormat, RawCandidate};
 use crate::config::Tenant;
 use crate::data::measure_flat;
-use crate::event::{record_key, RECORD_VERSION};
+use crate::event::RECORD_VERSION;
 use crate::scan::{Cursor, Flat};
 
 /// One envelope field as sent. A string with escapes is not read here (the event goes to
@@ -109,51 +109,115 @@ pub(super) enum Item<'a> {
     Raw(RawCandidate<'a>),
 }
 
-/// A JSON array body in one pass: each event in the common shape read as it is met, any
-/// other element stepped over and left for the full parse. `None` when the body is not
-/// plainly an array of 1..=`max_events` values (the general split then decides, with its
-/// errors). Steps are loose only around elements left for the full parse, and each of
-/// those is parsed alone before it is trusted (see `encode_body`).
-pub(super) fn array(body: &[u8], format: BodyFormat, max_events: usize) -> Option<Vec<Item<'_>>> {
-    if !matches!(format, BodyFormat::Json | BodyFormat::CloudEventsBatch) {
-        return None;
-    }
-    let text = std::str::from_utf8(body).ok()?;
-    let mut c = Cursor::new(text);
-    c.ws();
-    if !c.eat(b'[') {
-        return None;
-    }
-    let mut items = Vec::with_capacity((body.len() / 128).clamp(1, max_events.max(1)));
-    loop {
-        c.ws();
-        if items.len() == max_events {
+/// A JSON array body read in one pass, as an iterator: each event in the common shape is
+/// read as it is met, any other element stepped over and left for the full parse. Steps
+/// are loose only around elements left for the full parse, and each of those is parsed
+/// alone before it is trusted (see `encode_body`).
+pub(super) struct Array<'a> {
+    text: &'a str,
+    cursor: Cursor<'a>,
+    count: usize,
+    max_events: usize,
+    state: ArrayState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ArrayState {
+    /// Before the first element.
+    Start,
+    /// After an element and its comma.
+    Next,
+    /// After the closing bracket and nothing but whitespace: the body was plainly an array
+    /// of 1..=`max_events` values.
+    Done,
+    /// Anything else: the general split decides, with its errors.
+    Failed,
+}
+
+impl<'a> Array<'a> {
+    /// `None` when the body is not (the start of) a JSON array of events.
+    pub(super) fn new(body: &'a [u8], format: BodyFormat, max_events: usize) -> Option<Array<'a>> {
+        if !matches!(format, BodyFormat::Json | BodyFormat::CloudEventsBatch) {
             return None;
         }
+        let text = std::str::from_utf8(body).ok()?;
+        let mut cursor = Cursor::new(text);
+        cursor.ws();
+        if !cursor.eat(b'[') {
+            return None;
+        }
+        Some(Array {
+            text,
+            cursor,
+            count: 0,
+            max_events,
+            state: ArrayState::Start,
+        })
+    }
+
+    /// Whether every element was read and the body ended as an array must.
+    pub(super) fn complete(&self) -> bool {
+        self.state == ArrayState::Done
+    }
+
+    fn fail(&mut self) -> Option<Item<'a>> {
+        self.state = ArrayState::Failed;
+        None
+    }
+}
+
+impl<'a> Iterator for Array<'a> {
+    type Item = Item<'a>;
+
+    fn next(&mut self) -> Option<Item<'a>> {
+        if !matches!(self.state, ArrayState::Start | ArrayState::Next) {
+            return None;
+        }
+        let c = &mut self.cursor;
+        c.ws();
+        if self.count == self.max_events {
+            return self.fail();
+        }
         let start = c.pos();
-        let item = match Envelope::read(&mut c) {
-            Some(e) => Item::Read(&text[start..c.pos()], e),
+        let item = match Envelope::read(c) {
+            Some(e) => Item::Read(&self.text[start..c.pos()], e),
             None => {
-                let mut skip = Cursor::new(text);
+                let mut skip = Cursor::new(self.text);
                 skip.advance(start);
-                skip.skip()?;
-                c = skip;
+                if skip.skip().is_none() {
+                    return self.fail();
+                }
+                *c = skip;
                 Item::Raw(RawCandidate::Text {
-                    raw: &text[start..c.pos()],
+                    raw: &self.text[start..c.pos()],
                     line: None,
                 })
             }
         };
-        items.push(item);
+        self.count += 1;
         c.ws();
         if c.eat(b',') {
-            continue;
+            self.state = ArrayState::Next;
+        } else if c.eat(b']') {
+            c.ws();
+            self.state = if c.at_end() {
+                ArrayState::Done
+            } else {
+                ArrayState::Failed
+            };
+        } else {
+            self.state = ArrayState::Failed;
         }
-        if !c.eat(b']') {
-            return None;
-        }
-        c.ws();
-        return c.at_end().then_some(items);
+        Some(item)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        // Events run to a hundred-odd bytes; the hint sizes the results.
+        let rest = self.text.len() - self.cursor.pos();
+        (
+            0,
+            Some((rest / 100 + 1).min(self.max_events - self.count.min(self.max_events))),
+        )
     }
 }
 
@@ -172,13 +236,6 @@ impl Stamp {
     }
 }
 
-/// An event accepted by the fast path: its id and its record's bytes.
-pub(super) struct Fast {
-    pub(super) id: String,
-    pub(super) key: String,
-    pub(super) payload: Vec<u8>,
-}
-
 impl Validator<'_> {
     /// Accepts an event read by [`Envelope::read`] from `raw`, or returns `None` for the full
     /// validator to decide.
@@ -188,7 +245,7 @@ impl Validator<'_> {
         e: &Envelope<'_>,
         tenant: &Tenant,
         stamp: &Stamp,
-    ) -> Option<Fast> {
+    ) -> Option<Encoded> {
         let now = stamp.now;
         let l = self.limits;
         let ok = |f: Field<'_>, max| f.get().is_none_or(|s| valid_string(s, max));
@@ -246,8 +303,13 @@ impl Validator<'_> {
             measure_flat(meter, data, l.max_dimension_chars)?;
         }
 
-        // The record is the event's text plus the tenant, the receipt time and some keys.
-        let mut payload = Vec::with_capacity(raw.len() + tenant.id.len() + 96);
+        // The key, then the record: the event's text plus the tenant, the receipt time and
+        // some keys.
+        let mut buf = Vec::with_capacity(2 * tenant.id.len() + customer.len() + raw.len() + 100);
+        buf.extend_from_slice(tenant.id.as_bytes());
+        buf.push(b'/');
+        buf.extend_from_slice(customer.as_bytes());
+        let key_end = buf.len();
         let record = Record {
             tenant: &tenant.id,
             id,
@@ -257,11 +319,12 @@ impl Validator<'_> {
             received_at: &stamp.text,
             source,
         };
-        record.write(&mut payload, data)?;
-        Some(Fast {
-            key: record_key(&tenant.id, customer),
-            id: id.to_owned(),
-            payload,
+        let id_at = record.write(&mut buf, data)?;
+        Some(Encoded {
+            id: id_at..id_at + id.len(),
+            payload_end: buf.len(),
+            key_end,
+            buf,
         })
     }
 }
@@ -337,8 +400,8 @@ struct Record<'a> {
 impl Record<'_> {
     /// Writes the record exactly as `serde_json::to_vec(&UsageRecord)` does. Every string
     /// but the tenant was read as a plain string (no escapes, no control characters), which
-    /// serde_json writes as it is between quotes.
-    fn write(&self, out: &mut Vec<u8>, data: &Flat<'_>) -> Option<()> {
+    /// serde_json writes as it is between quotes. Returns where the id's text starts.
+    fn write(&self, out: &mut Vec<u8>, data: &Flat<'_>) -> Option<usize> {
         let plain = |out: &mut Vec<u8>, s: &str| {
             out.push(b'"');
             out.extend_from_slice(s.as_bytes());
@@ -347,6 +410,7 @@ impl Record<'_> {
         write!(out, "{{\"v\":{RECORD_VERSION},\"tenant\":").ok()?;
         serde_json::to_writer(&mut *out, self.tenant).ok()?;
         out.extend_from_slice(b",\"id\":");
+        let id_at = out.len() + 1;
         plain(out, self.id);
         out.extend_from_slice(b",\"customer\":");
         plain(out, self.customer);
@@ -378,7 +442,7 @@ impl Record<'_> {
             out.extend_from_slice(v.as_bytes());
         }
         out.extend_from_slice(b"}}");
-        Some(())
+        Some(id_at)
     }
 }
 

@@ -599,7 +599,7 @@ proptest! {
     }
 }
 
-fn fast_text(v: &Validator<'_>, raw: &str) -> Option<fast::Fast> {
+fn fast_text(v: &Validator<'_>, raw: &str) -> Option<Encoded> {
     let e = fast::Envelope::parse(raw)?;
     v.fast(raw, &e, &tenant(true), &fast::Stamp::new(NOW))
 }
@@ -621,8 +621,9 @@ fn the_fast_path_takes_the_common_shapes() {
     ] {
         let fast = fast_text(&v, raw).expect(raw);
         let slow = check(serde_json::from_str(raw).expect("json")).expect(raw);
-        assert_eq!(fast.payload, slow.to_json(), "{raw}");
-        assert_eq!(fast.key, slow.key());
+        assert_eq!(fast.payload(), slow.to_json(), "{raw}");
+        assert_eq!(fast.key(), slow.key().as_bytes());
+        assert_eq!(fast.id(), slow.id);
     }
     for raw in [
         r#"{"id":"e1","customer":"c1","type":"completion","data":{"tokens":"x","model":"m1"}}"#,
@@ -630,6 +631,44 @@ fn the_fast_path_takes_the_common_shapes() {
         r#"{"id":"e1","customer":"c1","type":"request","data":{"endpoint":{"a":1}}}"#,
     ] {
         assert!(fast_text(&v, raw).is_none(), "{raw}");
+    }
+}
+
+#[test]
+fn arrays_that_end_badly_get_the_full_paths_answer() {
+    let c = config();
+    let catalog = c.catalog();
+    let v = Validator {
+        catalog: &catalog,
+        limits: &c.validation,
+        dialect: Dialect::Native,
+    };
+    let e = |i: u32| {
+        format!(r#"{{"id":"e{i}","customer":"c1","type":"request","data":{{"endpoint":"/x"}}}}"#)
+    };
+    for body in [
+        "[]".to_owned(),
+        " [ ] ".to_owned(),
+        format!("[{}]", e(1)),
+        format!("[{},{}]", e(1), e(2)),
+        format!("[{},{},{}]", e(1), e(2), e(3)),
+        format!("[{},]", e(1)),
+        format!("[{}] x", e(1)),
+        format!("[{}", e(1)),
+        format!("[{} {}]", e(1), e(2)),
+        format!("[{},{}]", e(1), e(1)),
+        format!("[{}, 7, {{\"id\": \"e\\u0032\"}}]", e(1)),
+    ] {
+        let fast = v.encode_body(body.as_bytes(), BodyFormat::Json, 2, &tenant(true), NOW);
+        let slow = (|| {
+            let (records, refused) = v.validate_batch(
+                split(body.as_bytes(), BodyFormat::Json, 2)?,
+                &tenant(true),
+                NOW,
+            );
+            Ok::<_, BodyError>((records.iter().map(Encoded::of).collect::<Vec<_>>(), refused))
+        })();
+        assert_eq!(fast, slow, "{body}");
     }
 }
 

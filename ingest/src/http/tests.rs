@@ -24,8 +24,9 @@ impl EventSink for Arc<MemorySink> {
             match &fail {
                 Some((from, e)) if i >= *from => out.failures.push(e.clone()),
                 _ => {
-                    let record: UsageRecord = serde_json::from_slice(&r.payload).expect("a record");
-                    assert_eq!(r.key, record.key().into_bytes());
+                    let record: UsageRecord =
+                        serde_json::from_slice(r.payload()).expect("a record");
+                    assert_eq!(r.key(), record.key().as_bytes());
                     self.records.lock().expect("lock").push(record);
                     out.delivered += 1;
                 }
