@@ -162,8 +162,10 @@ impl Validator<'_> {
         tenant: &Tenant,
         now: OffsetDateTime,
     ) -> (Vec<UsageRecord>, Vec<Refused>) {
+        let capacity = candidates.len();
         dedupe(
             candidates,
+            capacity,
             |c| self.candidate(c, tenant, now),
             |r| (r.customer.as_bytes(), r.id.as_bytes()),
         )
@@ -213,15 +215,18 @@ impl Validator<'_> {
         let identity = Encoded::identity;
         let result = match fast::Array::new(body, format, max_events) {
             Some(mut array) => {
-                let result = dedupe(&mut array, &mut check, identity);
+                let capacity = array.estimate();
+                let result = dedupe(&mut array, capacity, &mut check, identity);
                 // An array that turned out not to be plainly one (bad JSON, too many or no
                 // events) is the general path's to answer.
                 array.complete().then_some(result)
             }
             None => {
                 let items = body::split_raw(body, format, max_events)?;
+                let capacity = items.len();
                 Some(dedupe(
                     items.into_iter().map(fast::Item::Raw),
+                    capacity,
                     &mut check,
                     identity,
                 ))
@@ -374,21 +379,21 @@ type Failure = (Option<String>, String, &'static str);
 /// Runs `check` over a request's candidates in order, refusing a repeated event after its
 /// first occurrence. An event is its customer and id (the tenant is the request's), as in
 /// the aggregator's dedupe: `identity` gives a candidate's customer (or record key) and id.
+/// `capacity` (how many candidates are likely) sizes its tables.
 fn dedupe<C, T>(
     candidates: impl IntoIterator<Item = C>,
+    capacity: usize,
     mut check: impl FnMut(C) -> Result<T, Failure>,
     identity: impl Fn(&T) -> (&[u8], &[u8]),
 ) -> (Vec<T>, Vec<Refused>) {
-    let candidates = candidates.into_iter();
-    let n = candidates.size_hint().1.unwrap_or(0);
-    let mut accepted: Vec<T> = Vec::with_capacity(n);
+    let mut accepted: Vec<T> = Vec::with_capacity(capacity);
     // Each accepted event's index in the request.
-    let mut at: Vec<usize> = Vec::with_capacity(n);
+    let mut at: Vec<usize> = Vec::with_capacity(capacity);
     let mut refused = Vec::new();
     // The accepted events by identity, as positions in `accepted`: nothing is copied.
     let hasher = hashbrown::DefaultHashBuilder::default();
-    let mut seen: hashbrown::HashTable<usize> = hashbrown::HashTable::with_capacity(n);
-    for (index, candidate) in candidates.enumerate() {
+    let mut seen: hashbrown::HashTable<usize> = hashbrown::HashTable::with_capacity(capacity);
+    for (index, candidate) in candidates.into_iter().enumerate() {
         let result = check(candidate).and_then(|t| {
             let key = identity(&t);
             let hash = hasher.hash_one(key);

@@ -8,7 +8,7 @@ use tally_core::Config;
 
 // Every event is parsed into a handful of short-lived buffers (its id, key and record) on a
 // tokio worker and freed after the producer has copied them; glibc's allocator spent about
-// a sixth of the collector's CPU on that churn (BENCHMARKS.md, "Allocator").
+// a sixth of the collector's CPU on that churn (BENCHMARKS.md, collector results).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

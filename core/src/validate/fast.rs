@@ -155,6 +155,12 @@ impl<'a> Array<'a> {
         })
     }
 
+    /// How many events the body likely holds (events run to a hundred-odd bytes), to size
+    /// the results; not a bound.
+    pub(super) fn estimate(&self) -> usize {
+        (self.text.len() / 100 + 1).min(self.max_events)
+    }
+
     /// Whether every element was read and the body ended as an array must.
     pub(super) fn complete(&self) -> bool {
         self.state == ArrayState::Done
@@ -209,15 +215,6 @@ impl<'a> Iterator for Array<'a> {
             self.state = ArrayState::Failed;
         }
         Some(item)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        // Events run to a hundred-odd bytes; the hint sizes the results.
-        let rest = self.text.len() - self.cursor.pos();
-        (
-            0,
-            Some((rest / 100 + 1).min(self.max_events - self.count.min(self.max_events))),
-        )
     }
 }
 
