@@ -1,6 +1,6 @@
 //! Meters: which events they read, how they aggregate, and which dimensions they group by.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use serde::Deserialize;
 
@@ -94,13 +94,15 @@ pub struct CatalogError {
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
     meters: Vec<Meter>,
-    by_type: HashMap<String, Vec<usize>>,
+    /// Looked up once or twice per event on the collector and the aggregator: hashbrown's
+    /// default hasher, not SipHash (type names are the operator's, not the sender's).
+    by_type: hashbrown::HashMap<String, Vec<usize>>,
 }
 
 impl Catalog {
     pub fn new(meters: Vec<Meter>) -> Result<Catalog, CatalogError> {
         let mut keys = HashSet::new();
-        let mut by_type: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_type: hashbrown::HashMap<String, Vec<usize>> = hashbrown::HashMap::new();
         for (i, m) in meters.iter().enumerate() {
             let err = |field, reason: &str| CatalogError {
                 meter: m.key.clone(),

@@ -182,7 +182,7 @@ impl Validator<'_> {
         tenant: &Tenant,
         now: OffsetDateTime,
     ) -> Result<(Vec<Encoded>, Vec<Refused>), BodyError> {
-        let stamp = fast::Stamp::new(now);
+        let stamp = fast::Stamp::new(now, tenant);
         let whole_body_error = std::cell::Cell::new(false);
         let mut check = |item| {
             let (raw, line, envelope) = match item {
@@ -433,6 +433,10 @@ fn dedupe<C, T>(
 
 /// 1..=max characters without control characters.
 fn valid_string(s: &str, max: usize) -> bool {
+    if s.is_ascii() {
+        // One byte per character; the only ASCII controls are below 0x20 and DEL.
+        return !s.is_empty() && s.len() <= max && !s.bytes().any(|b| b < 0x20 || b == 0x7f);
+    }
     let mut n = 0;
     for c in s.chars() {
         if c.is_control() {

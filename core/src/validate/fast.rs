@@ -7,8 +7,6 @@
 //! the caller runs the full validator, which owns every error message. So both paths
 //! accept the same events and write the same bytes; `tests.rs` checks that property.
 
-use std::io::Write;
-
 use time::format_description::well_known::Rfc3339;
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
@@ -218,18 +216,24 @@ impl<'a> Iterator for Array<'a> {
     }
 }
 
-/// What every event of one request shares: the receipt time, and its text in records.
+/// What every event of one request shares: the receipt time and its text in records, and
+/// the tenant with the start of every record.
 pub(super) struct Stamp {
     pub(super) now: OffsetDateTime,
     pub(super) text: String,
+    /// `{"v":1,"tenant":"…","id":` as `serde_json` writes it.
+    head: Vec<u8>,
 }
 
 impl Stamp {
-    pub(super) fn new(now: OffsetDateTime) -> Stamp {
+    pub(super) fn new(now: OffsetDateTime, tenant: &Tenant) -> Stamp {
         let text = now
             .format(&Rfc3339)
             .expect("a clock reading formats as RFC 3339");
-        Stamp { now, text }
+        let mut head = format!("{{\"v\":{RECORD_VERSION},\"tenant\":").into_bytes();
+        serde_json::to_writer(&mut head, &tenant.id).expect("a string serializes");
+        head.extend_from_slice(b",\"id\":");
+        Stamp { now, text, head }
     }
 }
 
@@ -308,7 +312,7 @@ impl Validator<'_> {
         buf.extend_from_slice(customer.as_bytes());
         let key_end = buf.len();
         let record = Record {
-            tenant: &tenant.id,
+            head: &stamp.head,
             id,
             customer,
             event_type,
@@ -385,7 +389,8 @@ fn canonical_utc(s: &str) -> Option<OffsetDateTime> {
 
 /// The envelope of a record, borrowed.
 struct Record<'a> {
-    tenant: &'a str,
+    /// Everything before the id's value ([`Stamp`]).
+    head: &'a [u8],
     id: &'a str,
     customer: &'a str,
     event_type: &'a str,
@@ -397,16 +402,15 @@ struct Record<'a> {
 impl Record<'_> {
     /// Writes the record exactly as `serde_json::to_vec(&UsageRecord)` does. Every string
     /// but the tenant was read as a plain string (no escapes, no control characters), which
-    /// serde_json writes as it is between quotes. Returns where the id's text starts.
+    /// serde_json writes as it is between quotes; the head was written by serde_json.
+    /// Returns where the id's text starts.
     fn write(&self, out: &mut Vec<u8>, data: &Flat<'_>) -> Option<usize> {
         let plain = |out: &mut Vec<u8>, s: &str| {
             out.push(b'"');
             out.extend_from_slice(s.as_bytes());
             out.push(b'"');
         };
-        write!(out, "{{\"v\":{RECORD_VERSION},\"tenant\":").ok()?;
-        serde_json::to_writer(&mut *out, self.tenant).ok()?;
-        out.extend_from_slice(b",\"id\":");
+        out.extend_from_slice(self.head);
         let id_at = out.len() + 1;
         plain(out, self.id);
         out.extend_from_slice(b",\"customer\":");

@@ -601,7 +601,12 @@ proptest! {
 
 fn fast_text(v: &Validator<'_>, raw: &str) -> Option<Encoded> {
     let e = fast::Envelope::parse(raw)?;
-    v.fast(raw, &e, &tenant(true), &fast::Stamp::new(NOW))
+    v.fast(
+        raw,
+        &e,
+        &tenant(true),
+        &fast::Stamp::new(NOW, &tenant(true)),
+    )
 }
 
 #[test]
