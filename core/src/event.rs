@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use time::OffsetDateTime;
+use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
 /// Version of the record layout, carried in every record.
 pub const RECORD_VERSION: u32 = 1;
@@ -55,6 +55,41 @@ pub fn record_key(tenant: &str, customer: &str) -> String {
     key.push('/');
     key.push_str(customer);
     key
+}
+
+/// A time in the spelling records use, `YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z`, read without the
+/// general RFC 3339 parser (the collector reads events sent that way, the aggregator every
+/// record). `None` for any other spelling (offsets, leap seconds, more than nine digits)
+/// and for anything the calendar refuses; the general parser then decides.
+pub fn parse_utc(s: &str) -> Option<OffsetDateTime> {
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[b.len() - 1] != b'Z'
+    {
+        return None;
+    }
+    let num = |digits: &[u8]| -> Option<u32> {
+        digits.iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let nanos = match &b[19..b.len() - 1] {
+        [] => 0,
+        [b'.', fraction @ ..] if (1..=9).contains(&fraction.len()) => {
+            num(fraction)? * 10u32.pow(9 - fraction.len() as u32)
+        }
+        _ => return None,
+    };
+    let byte = |from: usize| u8::try_from(num(&b[from..from + 2])?).ok();
+    let year = i32::try_from(num(&b[0..4])?).ok()?;
+    let date = Date::from_calendar_date(year, Month::try_from(byte(5)?).ok()?, byte(8)?).ok()?;
+    let t = Time::from_hms_nano(byte(11)?, byte(14)?, byte(17)?, nanos).ok()?;
+    Some(PrimitiveDateTime::new(date, t).assume_utc())
 }
 
 #[cfg(test)]

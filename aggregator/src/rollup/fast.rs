@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 
-use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
+use time::OffsetDateTime;
 
 use super::Event;
 
@@ -132,35 +132,7 @@ fn object_end(b: &[u8]) -> Option<usize> {
 /// `YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z`, the form the collector writes; any other RFC 3339 form
 /// (offsets, leap seconds, more than nine digits) is left to serde.
 fn rfc3339(s: &str) -> Option<OffsetDateTime> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
-        return None;
-    }
-    if b[16] != b':' || *b.last()? != b'Z' {
-        return None;
-    }
-    let num = |from: usize, to: usize| -> Option<u32> {
-        b[from..to].iter().try_fold(0u32, |n, &c| {
-            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
-        })
-    };
-    let year = num(0, 4)? as i32;
-    let month = Month::try_from(num(5, 7)? as u8).ok()?;
-    let day = num(8, 10)? as u8;
-    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    if second > 59 {
-        return None;
-    }
-    let nanos = match &b[19..b.len() - 1] {
-        [] => 0,
-        [b'.', digits @ ..] if (1..=9).contains(&digits.len()) => {
-            num(20, 20 + digits.len())? * 10u32.pow(9 - digits.len() as u32)
-        }
-        _ => return None,
-    };
-    let date = Date::from_calendar_date(year, month, day).ok()?;
-    let time = Time::from_hms_nano(hour as u8, minute as u8, second as u8, nanos).ok()?;
-    Some(PrimitiveDateTime::new(date, time).assume_utc())
+    tally_core::event::parse_utc(s)
 }
 
 #[cfg(test)]

@@ -8,13 +8,13 @@
 //! accept the same events and write the same bytes; `tests.rs` checks that property.
 
 use time::format_description::well_known::Rfc3339;
-use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
+use time::OffsetDateTime;
 
 use super::{check_time, parse_time, valid_string, Dialect, Encoded, Validator};
 use crate::body::{BodyFormat, RawCandidate};
 use crate::config::Tenant;
 use crate::data::measure_flat;
-use crate::event::RECORD_VERSION;
+use crate::event::{parse_utc, RECORD_VERSION};
 use crate::scan::{Cursor, Flat};
 
 /// One envelope field as sent. A string with escapes is not read here (the event goes to
@@ -350,41 +350,14 @@ impl EventTime<'_> {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` read without the general parser, for the spellings
-/// that `OffsetDateTime`'s RFC 3339 output gives back unchanged: a fraction of 1 to 9
-/// digits not ending in 0. `None` for any other spelling and for anything the calendar
-/// refuses (a leap second included); the general parser then decides.
+/// [`parse_utc`] for the spellings that `OffsetDateTime`'s RFC 3339 output gives back
+/// unchanged: those whose fraction, if any, does not end in 0.
 fn canonical_utc(s: &str) -> Option<OffsetDateTime> {
     let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || b[10] != b'T'
-        || b[13] != b':'
-        || b[16] != b':'
-        || b[b.len() - 1] != b'Z'
-    {
+    if b.len() > 20 && b[b.len() - 2] == b'0' {
         return None;
     }
-    let num = |digits: &[u8]| -> Option<u32> {
-        digits.iter().try_fold(0u32, |n, &d| {
-            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
-        })
-    };
-    let nanos = match &b[19..b.len() - 1] {
-        [] => 0,
-        [b'.', fraction @ ..]
-            if (1..=9).contains(&fraction.len()) && fraction.last() != Some(&b'0') =>
-        {
-            num(fraction)? * 10u32.pow(9 - fraction.len() as u32)
-        }
-        _ => return None,
-    };
-    let byte = |from: usize| u8::try_from(num(&b[from..from + 2])?).ok();
-    let year = i32::try_from(num(&b[0..4])?).ok()?;
-    let date = Date::from_calendar_date(year, Month::try_from(byte(5)?).ok()?, byte(8)?).ok()?;
-    let t = Time::from_hms_nano(byte(11)?, byte(14)?, byte(17)?, nanos).ok()?;
-    Some(PrimitiveDateTime::new(date, t).assume_utc())
+    parse_utc(s)
 }
 
 /// The envelope of a record, borrowed.
