@@ -224,14 +224,18 @@ impl<'a> Flat<'a> {
         })?;
         // Stable: among equal keys the last one sent ends up last, and is the one kept.
         entries.sort_by(|a: &(&str, &str), b| a.0.cmp(b.0));
-        let mut kept: Vec<(&str, &str)> = Vec::with_capacity(entries.len());
-        for e in entries {
-            match kept.last_mut() {
-                Some(last) if last.0 == e.0 => *last = e,
-                _ => kept.push(e),
+        // In place: `kept` entries are settled, each a distinct key.
+        let mut kept = 0;
+        for i in 0..entries.len() {
+            if kept > 0 && entries[kept - 1].0 == entries[i].0 {
+                entries[kept - 1] = entries[i];
+            } else {
+                entries[kept] = entries[i];
+                kept += 1;
             }
         }
-        Some(Flat { entries: kept })
+        entries.truncate(kept);
+        Some(Flat { entries })
     }
 
     /// The value's text (quotes included for a string).
