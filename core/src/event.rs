@@ -50,11 +50,16 @@ impl UsageRecord {
 
 /// `tenant/customer`; tenant ids never contain `/`, so the first `/` splits them.
 pub fn record_key(tenant: &str, customer: &str) -> String {
-    let mut key = String::with_capacity(tenant.len() + 1 + customer.len());
-    key.push_str(tenant);
-    key.push('/');
-    key.push_str(customer);
-    key
+    let mut key = Vec::with_capacity(tenant.len() + 1 + customer.len());
+    push_record_key(&mut key, tenant, customer);
+    String::from_utf8(key).expect("two strings and a slash")
+}
+
+/// Appends [`record_key`] to `out`.
+pub fn push_record_key(out: &mut Vec<u8>, tenant: &str, customer: &str) {
+    out.extend_from_slice(tenant.as_bytes());
+    out.push(b'/');
+    out.extend_from_slice(customer.as_bytes());
 }
 
 /// A time in the spelling records use, `YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z`, read without the

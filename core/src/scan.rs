@@ -23,9 +23,9 @@ impl<'a> Cursor<'a> {
         self.pos
     }
 
-    /// Moves to `pos`, a character boundary ahead of the cursor.
-    pub(crate) fn advance(&mut self, pos: usize) {
-        debug_assert!(pos >= self.pos && self.text.is_char_boundary(pos));
+    /// Moves back to `pos`, a position the cursor has been at.
+    pub(crate) fn rewind(&mut self, pos: usize) {
+        debug_assert!(pos <= self.pos);
         self.pos = pos;
     }
 
@@ -224,17 +224,13 @@ impl<'a> Flat<'a> {
         })?;
         // Stable: among equal keys the last one sent ends up last, and is the one kept.
         entries.sort_by(|a: &(&str, &str), b| a.0.cmp(b.0));
-        // In place: `kept` entries are settled, each a distinct key.
-        let mut kept = 0;
-        for i in 0..entries.len() {
-            if kept > 0 && entries[kept - 1].0 == entries[i].0 {
-                entries[kept - 1] = entries[i];
-            } else {
-                entries[kept] = entries[i];
-                kept += 1;
+        entries.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                *kept = *later;
             }
-        }
-        entries.truncate(kept);
+            same
+        });
         Some(Flat { entries })
     }
 

@@ -187,6 +187,7 @@ impl Validator<'_> {
         let mut check = |item| {
             let (raw, line, envelope) = match item {
                 fast::Item::Read(raw, e) => (raw, None, Some(e)),
+                fast::Item::Skipped(raw) => (raw, None, None),
                 fast::Item::Raw(RawCandidate::Parsed(c)) => {
                     return self.candidate(c, tenant, now).map(|r| Encoded::of(&r))
                 }

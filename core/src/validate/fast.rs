@@ -14,7 +14,7 @@ use super::{check_time, parse_time, valid_string, Dialect, Encoded, Validator};
 use crate::body::{BodyFormat, RawCandidate};
 use crate::config::Tenant;
 use crate::data::measure_flat;
-use crate::event::{parse_utc, RECORD_VERSION};
+use crate::event::{parse_utc, push_record_key, RECORD_VERSION};
 use crate::scan::{Cursor, Flat};
 
 /// One envelope field as sent. A string with escapes is not read here (the event goes to
@@ -104,6 +104,8 @@ impl<'a> Envelope<'a> {
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Item<'a> {
     Read(&'a str, Envelope<'a>),
+    /// An array element the reader gave up on: for the full parse.
+    Skipped(&'a str),
     Raw(RawCandidate<'a>),
 }
 
@@ -121,10 +123,8 @@ pub(super) struct Array<'a> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ArrayState {
-    /// Before the first element.
-    Start,
-    /// After an element and its comma.
-    Next,
+    /// At an element: the first, or one after a comma.
+    Reading,
     /// After the closing bracket and nothing but whitespace: the body was plainly an array
     /// of 1..=`max_events` values.
     Done,
@@ -149,7 +149,7 @@ impl<'a> Array<'a> {
             cursor,
             count: 0,
             max_events,
-            state: ArrayState::Start,
+            state: ArrayState::Reading,
         })
     }
 
@@ -174,7 +174,7 @@ impl<'a> Iterator for Array<'a> {
     type Item = Item<'a>;
 
     fn next(&mut self) -> Option<Item<'a>> {
-        if !matches!(self.state, ArrayState::Start | ArrayState::Next) {
+        if self.state != ArrayState::Reading {
             return None;
         }
         let c = &mut self.cursor;
@@ -186,31 +186,23 @@ impl<'a> Iterator for Array<'a> {
         let item = match Envelope::read(c) {
             Some(e) => Item::Read(&self.text[start..c.pos()], e),
             None => {
-                let mut skip = Cursor::new(self.text);
-                skip.advance(start);
-                if skip.skip().is_none() {
+                c.rewind(start);
+                if c.skip().is_none() {
                     return self.fail();
                 }
-                *c = skip;
-                Item::Raw(RawCandidate::Text {
-                    raw: &self.text[start..c.pos()],
-                    line: None,
-                })
+                Item::Skipped(&self.text[start..c.pos()])
             }
         };
         self.count += 1;
         c.ws();
-        if c.eat(b',') {
-            self.state = ArrayState::Next;
-        } else if c.eat(b']') {
+        if !c.eat(b',') {
+            let closed = c.eat(b']');
             c.ws();
-            self.state = if c.at_end() {
+            self.state = if closed && c.at_end() {
                 ArrayState::Done
             } else {
                 ArrayState::Failed
             };
-        } else {
-            self.state = ArrayState::Failed;
         }
         Some(item)
     }
@@ -307,9 +299,7 @@ impl Validator<'_> {
         // The key, then the record: the event's text plus the tenant, the receipt time and
         // some keys.
         let mut buf = Vec::with_capacity(2 * tenant.id.len() + customer.len() + raw.len() + 100);
-        buf.extend_from_slice(tenant.id.as_bytes());
-        buf.push(b'/');
-        buf.extend_from_slice(customer.as_bytes());
+        push_record_key(&mut buf, &tenant.id, customer);
         let key_end = buf.len();
         let record = Record {
             head: &stamp.head,
