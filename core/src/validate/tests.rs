@@ -13,6 +13,28 @@ fn config() -> Config {
     Config::parse(&text, &path).expect("dev config parses")
 }
 
+/// The dev config and its catalog, for validators that borrow them.
+struct Setup {
+    config: Config,
+    catalog: Catalog,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let config = config();
+        let catalog = config.catalog();
+        Setup { config, catalog }
+    }
+
+    fn validator(&self, dialect: Dialect) -> Validator<'_> {
+        Validator {
+            catalog: &self.catalog,
+            limits: &self.config.validation,
+            dialect,
+        }
+    }
+}
+
 fn tenant(strict: bool) -> Tenant {
     Tenant {
         id: "demo".into(),
@@ -25,13 +47,8 @@ fn check(event: Value) -> Result<UsageRecord, Rejection> {
 }
 
 fn check_with(event: Value, dialect: Dialect, strict: bool) -> Result<UsageRecord, Rejection> {
-    let c = config();
-    let catalog = c.catalog();
-    let v = Validator {
-        catalog: &catalog,
-        limits: &c.validation,
-        dialect,
-    };
+    let setup = Setup::new();
+    let v = setup.validator(dialect);
     let obj = match event {
         Value::Object(o) => o,
         _ => panic!("test events are objects"),
@@ -310,13 +327,8 @@ fn cloudevents_dialect_requires_its_attributes() {
 
 #[test]
 fn batch_reports_each_refusal_by_index_and_refuses_repeated_ids() {
-    let c = config();
-    let catalog = c.catalog();
-    let v = Validator {
-        catalog: &catalog,
-        limits: &c.validation,
-        dialect: Dialect::Native,
-    };
+    let setup = Setup::new();
+    let v = setup.validator(Dialect::Native);
     let body = br#"[
         {"id": "a", "customer": "c", "type": "request"},
         {"id": "b", "customer": "c", "type": "completion", "data": {"tokens": "x"}},
@@ -364,9 +376,8 @@ fn batch_reports_each_refusal_by_index_and_refuses_repeated_ids() {
 proptest! {
     #[test]
     fn arbitrary_json_objects_never_panic(s in "\\PC{0,200}") {
-        let c = config();
-        let catalog = c.catalog();
-        let v = Validator { catalog: &catalog, limits: &c.validation, dialect: Dialect::Native };
+        let setup = Setup::new();
+        let v = setup.validator(Dialect::Native);
         if let Ok(candidates) = split(s.as_bytes(), BodyFormat::Json, 100) {
             let _ = v.validate_batch(candidates, &tenant(true), NOW);
         }
@@ -556,10 +567,9 @@ proptest! {
         strict in any::<bool>(),
         ndjson in any::<bool>(),
     ) {
-        let c = config();
-        let catalog = c.catalog();
+        let setup = Setup::new();
         let dialect = if cloud { Dialect::CloudEvents } else { Dialect::Native };
-        let v = Validator { catalog: &catalog, limits: &c.validation, dialect };
+        let v = setup.validator(dialect);
         let (body, format) = match (ndjson, events.len()) {
             (true, _) => (events.join("\n"), BodyFormat::Ndjson),
             (false, 1) => (events[0].clone(), BodyFormat::Json),
@@ -583,9 +593,8 @@ proptest! {
         ],
         replace in any::<bool>(),
     ) {
-        let c = config();
-        let catalog = c.catalog();
-        let v = Validator { catalog: &catalog, limits: &c.validation, dialect: Dialect::Native };
+        let setup = Setup::new();
+        let v = setup.validator(Dialect::Native);
         let body = format!("[{}]", events.join(","));
         let mut i = at.index(body.len() + 1);
         while !body.is_char_boundary(i) {
@@ -611,13 +620,8 @@ fn fast_text(v: &Validator<'_>, raw: &str) -> Option<Encoded> {
 
 #[test]
 fn the_fast_path_takes_the_common_shapes() {
-    let c = config();
-    let catalog = c.catalog();
-    let v = Validator {
-        catalog: &catalog,
-        limits: &c.validation,
-        dialect: Dialect::Native,
-    };
+    let setup = Setup::new();
+    let v = setup.validator(Dialect::Native);
     for raw in [
         r#"{"id":"e1","customer":"c1","type":"completion","time":"2026-11-24T11:00:00Z","data":{"tokens":12.5,"model":"m1"}}"#,
         r#"{"id":"e2","customer":"c1","type":"request","data":{"endpoint":"/v1/x"}}"#,
@@ -641,13 +645,8 @@ fn the_fast_path_takes_the_common_shapes() {
 
 #[test]
 fn arrays_that_end_badly_get_the_full_paths_answer() {
-    let c = config();
-    let catalog = c.catalog();
-    let v = Validator {
-        catalog: &catalog,
-        limits: &c.validation,
-        dialect: Dialect::Native,
-    };
+    let setup = Setup::new();
+    let v = setup.validator(Dialect::Native);
     let e = |i: u32| {
         format!(r#"{{"id":"e{i}","customer":"c1","type":"request","data":{{"endpoint":"/x"}}}}"#)
     };
@@ -679,13 +678,8 @@ fn arrays_that_end_badly_get_the_full_paths_answer() {
 
 #[test]
 fn a_body_too_deep_for_one_event_gets_the_whole_body_error() {
-    let c = config();
-    let catalog = c.catalog();
-    let v = Validator {
-        catalog: &catalog,
-        limits: &c.validation,
-        dialect: Dialect::Native,
-    };
+    let setup = Setup::new();
+    let v = setup.validator(Dialect::Native);
     let deep = format!("[{}1{}]", "{\"a\":".repeat(200), "}".repeat(200));
     let fast = v.encode_body(deep.as_bytes(), BodyFormat::Json, 10, &tenant(true), NOW);
     let slow = encode_slow(&v, deep.as_bytes(), BodyFormat::Json, &tenant(true));
