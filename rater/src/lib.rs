@@ -38,6 +38,7 @@ pub mod pricing;
 pub mod run;
 pub mod schedule;
 pub mod store;
+mod stored;
 pub mod subscription;
 pub mod usage;
 

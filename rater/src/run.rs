@@ -33,13 +33,14 @@ use serde::{Deserialize, Serialize};
 use tally_core::config::ClickHouseConfig;
 use time::OffsetDateTime;
 
-use crate::invoice::{Invoice, Line, LineKind, Segment};
+use crate::invoice::{Invoice, Line, Segment};
 use crate::kafka::Notifier;
 use crate::metrics::{BATCH_DURATION, INVOICES, PUBLISHED_LINES};
 use crate::period::{period_containing, Period};
 use crate::plan::{Catalog, ChargeKind};
-use crate::pricing::TierAmount;
 use crate::store::SubscriptionStore;
+use crate::stored::HeaderColumns;
+pub use crate::stored::StoredLine;
 use crate::subscription::{SegmentRef, State, Status, Timeline};
 use crate::usage::{string_list, UsageError, UsageReader, UsageRequest, UsageTable};
 
@@ -495,9 +496,9 @@ struct HeaderRow<'a> {
     period_start: u32,
     period_end: u32,
     currency: &'static str,
-    subtotal: String,
-    total: String,
-    invoice: String,
+    subtotal: &'a str,
+    total: &'a str,
+    invoice: &'a str,
     finalized_at: u32,
     run_id: &'a str,
 }
@@ -516,128 +517,21 @@ struct LineRow<'a> {
     kind: &'static str,
     charge: &'a str,
     meter: &'a str,
-    quantity: String,
-    amount: String,
+    quantity: &'a str,
+    amount: &'a str,
     currency: &'static str,
-    line: String,
+    line: &'a str,
     run_id: &'a str,
+    layout: u8,
 }
 
-/// The JSON of an invoice header: the invoice without its lines.
-#[derive(Serialize)]
-struct HeaderJson<'a> {
-    customer: &'a str,
-    #[serde(with = "time::serde::rfc3339")]
-    period_start: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    period_end: OffsetDateTime,
-    interval: crate::period::Interval,
-    currency: crate::currency::Currency,
-    segments: &'a [crate::invoice::SegmentSummary],
-    subtotal: Decimal,
-    total: Decimal,
-}
-
-/// A stored header's JSON: without lines when written as [`HeaderJson`]; invoices stored
-/// before lines were split out (schema V8) carry their lines here.
-#[derive(Deserialize)]
-struct StoredHeader {
-    customer: String,
-    #[serde(with = "time::serde::rfc3339")]
-    period_start: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    period_end: OffsetDateTime,
-    interval: crate::period::Interval,
-    currency: crate::currency::Currency,
-    segments: Vec<crate::invoice::SegmentSummary>,
-    #[serde(default)]
-    lines: Option<Vec<Line>>,
-    subtotal: Decimal,
-    total: Decimal,
-}
-
-/// The JSON of a line's fields without columns of their own.
-#[derive(Serialize)]
-struct LineDetail<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    included: Option<Decimal>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    billable_quantity: Option<Decimal>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    unit_price: Option<Decimal>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    packages: Option<Decimal>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    minimum: Option<Decimal>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    tiers: &'a [TierAmount],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    adjusts: Option<&'a str>,
-}
-
-/// [`LineDetail`] as read back. Lines stored before schema V8 hold the whole line as JSON;
-/// its fields with columns are ignored here (they equal the columns).
-#[derive(Deserialize)]
-struct StoredDetail {
-    #[serde(default)]
-    included: Option<Decimal>,
-    #[serde(default)]
-    billable_quantity: Option<Decimal>,
-    #[serde(default)]
-    unit_price: Option<Decimal>,
-    #[serde(default)]
-    packages: Option<Decimal>,
-    #[serde(default)]
-    minimum: Option<Decimal>,
-    #[serde(default)]
-    tiers: Vec<TierAmount>,
-    #[serde(default)]
-    adjusts: Option<String>,
-}
-
-/// An `invoice_lines` row as read back: the columns a [`Line`] is rebuilt from.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, clickhouse::Row)]
-pub struct StoredLine {
-    pub segment: i32,
-    pub kind: String,
-    pub charge: String,
-    pub meter: String,
-    pub quantity: String,
-    pub amount: String,
-    pub line: String,
-}
-
-impl StoredLine {
-    /// The line the row stores, exactly as it was priced.
-    pub fn to_line(&self) -> Result<Line, String> {
-        let decimal = |what: &str, s: &str| -> Result<Decimal, String> {
-            s.parse::<Decimal>()
-                .map_err(|e| format!("{what} {s:?} is not a decimal: {e}"))
-        };
-        let optional = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-        let kind = LineKind::from_name(&self.kind)
-            .ok_or_else(|| format!("kind {:?} is not a line kind", self.kind))?;
-        let detail: StoredDetail =
-            serde_json::from_str(&self.line).map_err(|e| format!("line json: {e}"))?;
-        Ok(Line {
-            segment: usize::try_from(self.segment).ok(),
-            kind,
-            charge: optional(&self.charge),
-            meter: optional(&self.meter),
-            quantity: match self.quantity.as_str() {
-                "" => None,
-                q => Some(decimal("quantity", q)?),
-            },
-            included: detail.included,
-            billable_quantity: detail.billable_quantity,
-            unit_price: detail.unit_price,
-            packages: detail.packages,
-            minimum: detail.minimum,
-            tiers: detail.tiers,
-            amount: decimal("amount", &self.amount)?,
-            adjusts: detail.adjusts,
-        })
-    }
+/// An `invoices` row as read back.
+#[derive(Deserialize, clickhouse::Row)]
+struct StoredHeaderRow {
+    invoice_id: String,
+    invoice: String,
+    run_id: String,
+    columns: HeaderColumns,
 }
 
 #[derive(Deserialize, clickhouse::Row)]
@@ -1095,18 +989,19 @@ impl InvoiceRun {
         // next run writes the invoice again under its own.
         if fresh.iter().any(|(_, inv)| !inv.lines.is_empty()) {
             let mut insert = self.client.insert::<LineRow<'_>>("invoice_lines").await?;
+            // One buffer for a row's text columns: quantity, amount, then the JSON.
+            let mut text = String::with_capacity(512);
             for (id, inv) in &fresh {
                 let currency = inv.currency.code();
                 for (n, line) in inv.lines.iter().enumerate() {
-                    let detail = LineDetail {
-                        included: line.included,
-                        billable_quantity: line.billable_quantity,
-                        unit_price: line.unit_price,
-                        packages: line.packages,
-                        minimum: line.minimum,
-                        tiers: &line.tiers,
-                        adjusts: line.adjusts.as_deref(),
-                    };
+                    text.clear();
+                    if let Some(q) = line.quantity {
+                        crate::stored::push_decimal(&mut text, q);
+                    }
+                    let quantity_end = text.len();
+                    crate::stored::push_decimal(&mut text, line.amount);
+                    let amount_end = text.len();
+                    crate::stored::push_line_detail(&mut text, line);
                     insert
                         .write(&LineRow {
                             tenant,
@@ -1118,11 +1013,12 @@ impl InvoiceRun {
                             kind: line.kind.name(),
                             charge: line.charge.as_deref().unwrap_or_default(),
                             meter: line.meter.as_deref().unwrap_or_default(),
-                            quantity: line.quantity.map(|q| q.to_string()).unwrap_or_default(),
-                            amount: line.amount.to_string(),
+                            quantity: &text[..quantity_end],
+                            amount: &text[quantity_end..amount_end],
                             currency,
-                            line: json(id, &detail)?,
+                            line: &text[amount_end..],
                             run_id: &run_id,
+                            layout: crate::stored::LAYOUT,
                         })
                         .await?;
                 }
@@ -1131,17 +1027,16 @@ impl InvoiceRun {
         }
         if !fresh.is_empty() {
             let mut insert = self.client.insert::<HeaderRow<'_>>("invoices").await?;
+            let mut text = String::with_capacity(64);
             for (id, inv) in &fresh {
-                let head = HeaderJson {
-                    customer: &inv.customer,
-                    period_start: inv.period_start,
-                    period_end: inv.period_end,
-                    interval: inv.interval,
-                    currency: inv.currency,
-                    segments: &inv.segments,
-                    subtotal: inv.subtotal,
-                    total: inv.total,
-                };
+                let head = crate::stored::header_json(inv).map_err(|reason| RunError::Stored {
+                    invoice_id: id.clone(),
+                    reason,
+                })?;
+                text.clear();
+                crate::stored::push_decimal(&mut text, inv.subtotal);
+                let subtotal_end = text.len();
+                crate::stored::push_decimal(&mut text, inv.total);
                 insert
                     .write(&HeaderRow {
                         tenant,
@@ -1150,9 +1045,9 @@ impl InvoiceRun {
                         period_start: inv.period_start.unix_timestamp() as u32,
                         period_end: inv.period_end.unix_timestamp() as u32,
                         currency: inv.currency.code(),
-                        subtotal: inv.subtotal.to_string(),
-                        total: inv.total.to_string(),
-                        invoice: json(id, &head)?,
+                        subtotal: &text[..subtotal_end],
+                        total: &text[subtotal_end..],
+                        invoice: &head,
                         finalized_at: now,
                         run_id: &run_id,
                     })
@@ -1264,11 +1159,12 @@ impl InvoiceRun {
         }
         let filter = id_filter(ids);
         let t = string_list([tenant]);
-        let rows: Vec<(String, String, String)> = self
+        let rows: Vec<StoredHeaderRow> = self
             .client
             // Literals, not `?` binds: query() would take a `?` inside an id for one.
             .query_raw(&format!(
-                "SELECT invoice_id, invoice, run_id FROM invoices \
+                "SELECT invoice_id, invoice, run_id, customer, toUInt32(period_start), \
+                 toUInt32(period_end), currency, subtotal, total FROM invoices \
                  WHERE tenant = {t} AND {filter} \
                  ORDER BY invoice_id, finalized_at, run_id LIMIT 1 BY invoice_id",
             ))
@@ -1277,24 +1173,23 @@ impl InvoiceRun {
         let wanted: HashSet<&String> = ids.iter().collect();
         let mut out = HashMap::new();
         // Headers whose lines are in invoice_lines: (id, run id) → (header, lines so far).
-        let mut split: HashMap<(String, String), (StoredHeader, Vec<Line>)> = HashMap::new();
-        for (id, json, run) in rows {
+        let mut split: HashMap<(String, String), (Invoice, Vec<Line>)> = HashMap::new();
+        for row in rows {
+            let id = row.invoice_id;
             if !wanted.contains(&id) {
                 continue;
             }
-            let header: StoredHeader =
-                serde_json::from_str(&json).map_err(|e| RunError::Stored {
+            let header = crate::stored::header(&row.invoice, row.columns).map_err(|reason| {
+                RunError::Stored {
                     invoice_id: id.clone(),
-                    reason: e.to_string(),
-                })?;
-            match header.lines {
-                Some(_) => {
-                    let inv = invoice_of(&id, header, None)?;
-                    out.insert(id, inv);
+                    reason,
                 }
-                None => {
-                    split.insert((id, run), (header, Vec::new()));
-                }
+            })?;
+            if header.has_lines {
+                let inv = invoice_of(&id, header.invoice, None)?;
+                out.insert(id, inv);
+            } else {
+                split.insert((id, row.run_id), (header.invoice, Vec::new()));
             }
         }
         if split.is_empty() {
@@ -1306,7 +1201,7 @@ impl InvoiceRun {
             .client
             .query_raw(&format!(
                 "SELECT invoice_id, run_id, line_no, segment, kind, charge, meter, quantity, \
-                 amount, line FROM invoice_lines \
+                 amount, line, layout FROM invoice_lines \
                  WHERE tenant = {t} AND run_id IN ({}) AND {} \
                  ORDER BY invoice_id, run_id, line_no",
                 string_list(runs),
@@ -1344,40 +1239,25 @@ impl InvoiceRun {
 
 /// A stored invoice from its header and (for headers without them) its lines, checked:
 /// the lines must add up to the stored total.
-fn invoice_of(id: &str, h: StoredHeader, lines: Option<Vec<Line>>) -> Result<Invoice, RunError> {
-    let lines = lines.or(h.lines).unwrap_or_default();
+fn invoice_of(id: &str, mut inv: Invoice, lines: Option<Vec<Line>>) -> Result<Invoice, RunError> {
+    if let Some(lines) = lines {
+        inv.lines = lines;
+    }
     let mut sum = Decimal::ZERO;
-    for l in &lines {
+    for l in &inv.lines {
         sum = crate::exact::add(sum, l.amount, "stored total")?;
     }
-    if sum != h.total {
+    if sum != inv.total {
         return Err(RunError::Stored {
             invoice_id: id.to_owned(),
             reason: format!(
                 "its {} stored lines add up to {sum}, not its total {}",
-                lines.len(),
-                h.total
+                inv.lines.len(),
+                inv.total
             ),
         });
     }
-    Ok(Invoice {
-        customer: h.customer,
-        period_start: h.period_start,
-        period_end: h.period_end,
-        interval: h.interval,
-        currency: h.currency,
-        segments: h.segments,
-        lines,
-        subtotal: h.subtotal,
-        total: h.total,
-    })
-}
-
-fn json(id: &str, value: &impl Serialize) -> Result<String, RunError> {
-    serde_json::to_string(value).map_err(|e| RunError::Stored {
-        invoice_id: id.to_owned(),
-        reason: e.to_string(),
-    })
+    Ok(inv)
 }
 
 /// Prices a prepared final batch: its invoices, each with adjustment lines for what the

@@ -432,7 +432,7 @@ fn lit(s: &str) -> String {
 }
 
 #[tokio::test]
-async fn invoices_stored_whole_before_v8_and_lines_left_by_a_dead_run_read_right() {
+async fn invoices_stored_in_earlier_layouts_and_lines_left_by_a_dead_run_read_right() {
     let (db, reader) = usage_database("layouts").await;
     let run = InvoiceRun::new(&db, reader);
     let plans = plans();
@@ -448,7 +448,11 @@ async fn invoices_stored_whole_before_v8_and_lines_left_by_a_dead_run_read_right
         period,
         segments: vec![segment(period.start(), period.end(), plan, version)],
     };
-    let batch = vec![billable("alpha", "starter", 1), billable("beta", "pro", 2)];
+    let batch = vec![
+        billable("alpha", "starter", 1),
+        billable("beta", "pro", 2),
+        billable("gamma", "pro", 2),
+    ];
     let priced: BTreeMap<String, Invoice> = run
         .preview(&plans, "demo", &batch)
         .await
@@ -502,6 +506,50 @@ async fn invoices_stored_whole_before_v8_and_lines_left_by_a_dead_run_read_right
         ))
         .await;
     }
+    // gamma was finalized between V8 and V10: the header's JSON is the invoice without its
+    // lines, each line's JSON its fields without a column, by name; both under a run id.
+    let mut old_gamma = priced["gamma"].clone();
+    let mut extra = old_gamma.lines[0].clone();
+    extra.kind = LineKind::Adjustment;
+    extra.segment = None;
+    extra.amount = "2.50".parse().expect("decimal");
+    extra.adjusts = Some("demo/gamma/0".into());
+    old_gamma.total += extra.amount;
+    old_gamma.lines.push(extra);
+    let gamma_id = format!("demo/gamma/{start}");
+    let mut head = serde_json::to_value(&old_gamma).expect("json");
+    head.as_object_mut().expect("object").remove("lines");
+    exec(format!(
+        "INSERT INTO invoices (tenant, customer, invoice_id, period_start, period_end, currency, \
+         subtotal, total, invoice, finalized_at, run_id) VALUES ('demo', 'gamma', {}, {start}, \
+         {}, 'USD', {}, {}, {}, now(), 'r9')",
+        lit(&gamma_id),
+        period.end().unix_timestamp(),
+        lit(&old_gamma.subtotal.to_string()),
+        lit(&old_gamma.total.to_string()),
+        lit(&head.to_string()),
+    ))
+    .await;
+    for (n, l) in old_gamma.lines.iter().enumerate() {
+        let mut detail = serde_json::to_value(l).expect("json");
+        for column in ["segment", "kind", "charge", "meter", "quantity", "amount"] {
+            detail.as_object_mut().expect("object").remove(column);
+        }
+        exec(format!(
+            "INSERT INTO invoice_lines (tenant, customer, invoice_id, period_start, line_no, \
+             segment, kind, charge, meter, quantity, amount, currency, line, run_id) VALUES \
+             ('demo', 'gamma', {}, {start}, {n}, {}, {}, {}, {}, {}, {}, 'USD', {}, 'r9')",
+            lit(&gamma_id),
+            l.segment.map_or(-1, |s| s as i32),
+            lit(l.kind.name()),
+            lit(l.charge.as_deref().unwrap_or_default()),
+            lit(l.meter.as_deref().unwrap_or_default()),
+            lit(&l.quantity.map(|q| q.to_string()).unwrap_or_default()),
+            lit(&l.amount.to_string()),
+            lit(&detail.to_string()),
+        ))
+        .await;
+    }
     // beta: a run died after inserting a line and before its header (its run id sorts
     // before any real one, so a reader that ignored run ids would take it).
     exec(format!(
@@ -513,13 +561,17 @@ async fn invoices_stored_whole_before_v8_and_lines_left_by_a_dead_run_read_right
     .await;
 
     let first = run.finalize(&plans, "demo", &batch).await.expect("final");
-    assert_eq!((first.written, first.already_final), (1, 1));
+    assert_eq!((first.written, first.already_final), (1, 2));
     let got: BTreeMap<String, Invoice> = first
         .invoices
         .iter()
         .map(|i| (i.customer.clone(), i.clone()))
         .collect();
     assert_eq!(got["alpha"], old, "the invoice stored before V8, as stored");
+    assert_eq!(
+        got["gamma"], old_gamma,
+        "the invoice stored before V10, as stored"
+    );
     assert_eq!(
         got["beta"], priced["beta"],
         "beta priced now, not the dead run's line"
@@ -539,11 +591,30 @@ async fn invoices_stored_whole_before_v8_and_lines_left_by_a_dead_run_read_right
     .await;
     assert_eq!(
         joined as usize,
-        old.lines.len() + priced["beta"].lines.len()
+        old.lines.len() + old_gamma.lines.len() + priced["beta"].lines.len()
+    );
+    // beta, written now: its lines by position, its header without what its columns hold.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count() FROM invoice_lines WHERE customer = 'beta' AND layout = 1 \
+             AND startsWith(line, '[')"
+        )
+        .await as usize,
+        priced["beta"].lines.len()
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count() FROM invoices WHERE customer = 'beta' \
+             AND startsWith(invoice, '{\"interval\":')"
+        )
+        .await,
+        1
     );
 
     let again = run.finalize(&plans, "demo", &batch).await.expect("again");
-    assert_eq!((again.written, again.already_final), (0, 2));
+    assert_eq!((again.written, again.already_final), (0, 3));
     assert_eq!(jsons(&again), jsons(&first), "byte-identical");
     drop_database(&db).await;
 }
@@ -558,6 +629,7 @@ fn a_stored_line_reads_back_as_the_line() {
         quantity: String::new(),
         amount: "ten".into(),
         line: "{}".into(),
+        layout: 0,
     };
     assert!(bad
         .to_line()

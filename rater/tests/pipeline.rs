@@ -278,6 +278,7 @@ struct StoredLine {
     amount: String,
     currency: String,
     line: String,
+    layout: u8,
 }
 
 /// A stored line as compared: decimals as numbers, the line's JSON parsed.
@@ -332,6 +333,7 @@ fn stored_view(rows: Vec<StoredLine>) -> Vec<LineView> {
                 quantity: r.quantity.clone(),
                 amount: r.amount.clone(),
                 line: r.line.clone(),
+                layout: r.layout,
             }
             .to_line()
             .expect("a stored line");
@@ -673,7 +675,7 @@ async fn usage_through_the_pipeline_ends_in_the_expected_invoice_lines() {
     let rows: Vec<StoredLine> = tally_aggregator::migrate::client(&db)
         .query(
             "SELECT invoice_id, line_no, customer, toUInt32(period_start) AS period_start, \
-             segment, kind, charge, meter, quantity, amount, currency, line \
+             segment, kind, charge, meter, quantity, amount, currency, line, layout \
              FROM invoice_lines WHERE tenant = 'demo' ORDER BY invoice_id, line_no",
         )
         .fetch_all()
