@@ -5,7 +5,8 @@
 //! period and writes each invoice that is not stored yet: its lines to `invoice_lines`, then
 //! its header to `invoices`, each in one insert per batch and both under the batch's run id.
 //! Each value is stored once: a line's columns plus, as JSON, its fields without a column
-//! (tier breakdown included); the header's JSON is the invoice without its lines. An
+//! (tier breakdown included); the header's columns plus, as JSON, what they do not hold;
+//! both JSONs by position ([`crate::stored`] has the layouts, old and new). An
 //! invoice's id is its tenant, customer and period start, so running a final run again finds
 //! every invoice stored and writes nothing; what it returns for them is rebuilt from the
 //! header and the lines of the header's run, and serializes to the bytes first returned.

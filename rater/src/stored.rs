@@ -4,7 +4,8 @@
 //! A line's fields with a column of their own (segment, kind, charge, meter, quantity,
 //! amount) are only there. Its other fields are JSON in `line`, and the header's `invoice`
 //! holds what the header's columns do not. Since schema V10 (`invoice_lines.layout` 1) both
-//! are written by position, without field names, which halves the bytes a final run stores:
+//! are written by position, without field names: half the JSON's bytes, and 31 % fewer
+//! bytes in all for a final run (1.5 KB an invoice of the bench's plan, against 2.2):
 //! - `line`: `[included, billable_quantity, unit_price, packages, minimum, tiers, adjusts]`,
 //!   an absent field `null` (no tiers: `[]`), absent fields at the end left out; each tier
 //!   `[tier, from, to, units, unit_price, flat_fee, amount]`, `to` `null` for the open-ended
@@ -541,18 +542,10 @@ mod tests {
             let x = d(s);
             assert_eq!(text(x), x.to_string(), "{s}");
         }
-        let negative_zero = Decimal::from_i128_with_scale(0, 3).set_sign_negative_copy();
+        let mut negative_zero = Decimal::new(0, 3);
+        negative_zero.set_sign_negative(true);
         assert_eq!(text(negative_zero), negative_zero.to_string());
-    }
-
-    trait NegativeZero {
-        fn set_sign_negative_copy(self) -> Decimal;
-    }
-    impl NegativeZero for Decimal {
-        fn set_sign_negative_copy(mut self) -> Decimal {
-            self.set_sign_negative(true);
-            self
-        }
+        assert_eq!(text(negative_zero), "-0.000");
     }
 
     fn decimal_strategy() -> impl Strategy<Value = Decimal> {
