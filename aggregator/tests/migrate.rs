@@ -226,3 +226,88 @@ async fn a_flush_reaches_events_raw_already_in_its_order() {
     assert_eq!(stored, 600);
     drop_database(&c).await;
 }
+
+/// V11's daily rollups: filled from the hourly rows already stored when it is applied, then
+/// kept by the ledger's own view; either way each day holds what its hours hold, per
+/// tenant, customer and meter, for every aggregation's state.
+#[tokio::test]
+async fn daily_rollups_hold_what_their_hours_hold() {
+    let c = config("daily");
+    let all = migrate::load(&migrate::default_dir()).expect("load");
+    let before: Vec<Migration> = all.iter().filter(|m| m.version < 11).cloned().collect();
+    assert_eq!(before.len() + 1, all.len(), "V11 is the newest migration");
+    migrate::apply(&c, &before).await.expect("apply up to V10");
+    let db = migrate::client(&c);
+    let insert = |rows: &str| {
+        let db = db.clone();
+        let sql = format!(
+            "INSERT INTO ingest_ledger (kind, tenant, customer, meter, hour, dim_values, \
+             d_count, d_sum, d_min, d_max, d_latest, d_latest_at, d_unique) VALUES {rows}"
+        );
+        async move { db.query(&sql).execute().await.expect("ledger insert") }
+    };
+    // Before V11: two days of one customer's meter, two dimension values, and a second
+    // customer; hours on both sides of midnight.
+    insert(
+        "(2, 'demo', 'c1', 'm', '2026-10-01 05:00:00', ['a'], 3, 1.5, 0.5, 1.0, 1.0, 100, 'u1'), \
+         (2, 'demo', 'c1', 'm', '2026-10-01 23:00:00', ['b'], 1, 2.25, 2.25, 2.25, 2.25, 300, 'u2'), \
+         (2, 'demo', 'c1', 'm', '2026-10-02 00:00:00', ['a'], 2, 4, 1, 3, 3, 400, 'u1'), \
+         (2, 'demo', 'c2', 'm', '2026-10-01 12:00:00', [], 5, 10, 1, 4, 2, 200, 'u9')",
+    )
+    .await;
+    migrate::apply(&c, &all).await.expect("apply V11");
+    // After: the view keeps the days, on a day already filled and a new one.
+    insert(
+        "(2, 'demo', 'c1', 'm', '2026-10-01 07:00:00', ['b'], 4, 0.75, 0.25, 0.5, 9, 350, 'u3'), \
+         (2, 'demo', 'c2', 'm', '2026-10-03 01:00:00', [], 1, 1, 1, 1, 1, 500, 'u1'), \
+         (2, 'acme', 'c1', 'm', '2026-10-01 05:00:00', [], 1, 1, 1, 1, 1, 1, 'u1')",
+    )
+    .await;
+    let per_day = |table: &str, time: &str| {
+        format!(
+            "SELECT tenant, customer, meter, toUInt32(toStartOfDay({time})) AS d, \
+             sumMerge(events), toString(sumMerge(value_sum)), toString(minMerge(value_min)), \
+             toString(maxMerge(value_max)), toString(argMaxMerge(value_latest)), \
+             uniqExactMerge(value_unique) \
+             FROM {table} GROUP BY tenant, customer, meter, d ORDER BY tenant, customer, meter, d"
+        )
+    };
+    #[derive(Debug, PartialEq, clickhouse::Row, serde::Deserialize)]
+    struct Day {
+        tenant: String,
+        customer: String,
+        meter: String,
+        day: u32,
+        events: u64,
+        sum: String,
+        min: String,
+        max: String,
+        latest: String,
+        unique: u64,
+    }
+    let hourly: Vec<Day> = db
+        .query(&per_day("rollups_hourly", "hour"))
+        .fetch_all()
+        .await
+        .expect("hourly");
+    let daily: Vec<Day> = db
+        .query(&per_day("usage_daily", "day"))
+        .fetch_all()
+        .await
+        .expect("daily");
+    assert_eq!(hourly.len(), 5, "{hourly:?}");
+    assert_eq!(daily, hourly);
+    // c1's first day by hand: 3 + 1 + 4 events; latest is the value at 350 (9).
+    let c1 = &daily[1];
+    assert_eq!(
+        (
+            c1.customer.as_str(),
+            c1.events,
+            c1.sum.as_str(),
+            c1.latest.as_str(),
+            c1.unique
+        ),
+        ("c1", 8, "4.500000000", "9.000000000", 3)
+    );
+    drop_database(&c).await;
+}

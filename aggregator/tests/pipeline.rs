@@ -295,6 +295,24 @@ async fn exactly_once_across_sigkills_at_random_points() {
         format!("{distinct}\t{distinct}"),
         "each event stored raw exactly once"
     );
+    // The daily rollups (written by the same inserts) hold what their hours hold.
+    let per_day = |table: &str, time: &str| {
+        format!(
+            "SELECT tenant, customer, meter, toStartOfDay({time}) AS d, sumMerge(events), \
+             toString(sumMerge(value_sum)), toString(argMaxMerge(value_latest)), \
+             uniqExactMerge(value_unique) FROM {}.{table} \
+             GROUP BY tenant, customer, meter, d ORDER BY tenant, customer, meter, d FORMAT TSV",
+            pipeline.database
+        )
+    };
+    let hourly = clickhouse_sql(&per_day("rollups_hourly", "hour"))
+        .await
+        .expect("hourly");
+    let daily = clickhouse_sql(&per_day("usage_daily", "day"))
+        .await
+        .expect("daily");
+    assert!(hourly.lines().count() > 10, "{hourly}");
+    assert_eq!(daily, hourly, "usage_daily after 4 SIGKILLs");
     instance.stop().await;
     pipeline.drop_database().await;
 }

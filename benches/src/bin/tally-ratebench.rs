@@ -3,22 +3,27 @@
 //! Fills a private database on the stack's ClickHouse with N subscriptions to the bench's plan
 //! (`benches/plans/bench/v1.toml`: a flat fee and five usage charges, all with graduated
 //! tiers, and an invoice minimum; see `tally_bench::rate`) and one hour of rollups per
-//! customer and meter, then invoices every customer's October twice, in one run:
+//! customer and meter (`--hours H`: H hours, as an active customer's month fills them),
+//! with the days they make in `usage_daily`, then invoices every customer's October twice,
+//! in one run:
 //! - baseline: the pure pricing loop (`tally_rater::run::price`) over usage already in
 //!   memory, the same figures the database holds;
 //! - the whole run: subscriptions and their segments from one streamed read of
-//!   `subscription_changes`, usage per batch from `rollups_hourly` (each batch's read started
+//!   `subscription_changes`, usage per batch from `usage_daily` (each batch's read started
 //!   as soon as the change log has given its customers, three under way while one is
 //!   priced), then the same pricing (`InvoiceRun::preview_all`).
 //!
 //! Both must produce the same invoices (checked: count and the sum of totals). Target:
-//! 1,000,000 customer-month invoices in under 10 s.
+//! 1,000,000 customer-month invoices in under 10 s. Each round also reads every batch's
+//! usage alone, by the day (as the runs read it: October's bounds are UTC midnights), and
+//! the same usage by the hour (each period an hour wider on both sides), which must add up
+//! to the same quantities.
 //!
 //! Then the final run over the same batches (`InvoiceRun::finalize_all`, no publisher): every
 //! invoice stored, header and lines, with the same totals; and once more, which must find
 //! them all stored and write nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -45,6 +50,8 @@ the whole run reading subscriptions and usage from ClickHouse, in one run.
   --customers N    customers (subscriptions)              [default 1000000]
   --batch B        customers per batch                    [default 10000]
   --rounds K       timed rounds of each (median shown)    [default 3]
+  --hours H        hourly rollup rows per customer and meter, from October 1 00:00 UTC
+                   (1..=744; the usage on the last of them, the others empty) [default 1]
   --quick          20,000 customers, 1 round (tests)
   --keep           keep the database afterwards
   -h, --help       this text
@@ -57,6 +64,7 @@ struct Options {
     customers: u64,
     batch: usize,
     rounds: usize,
+    hours: u64,
     keep: bool,
 }
 
@@ -65,6 +73,7 @@ fn options() -> anyhow::Result<Option<Options>> {
         customers: 1_000_000,
         batch: 10_000,
         rounds: 3,
+        hours: 1,
         keep: false,
     };
     let mut args = std::env::args().skip(1);
@@ -81,6 +90,10 @@ fn options() -> anyhow::Result<Option<Options>> {
             "--customers" => o.customers = value("--customers")?.max(1),
             "--batch" => o.batch = value("--batch")?.max(1) as usize,
             "--rounds" => o.rounds = value("--rounds")?.max(1) as usize,
+            "--hours" => {
+                o.hours = value("--hours")?;
+                ensure!((1..=744).contains(&o.hours), "--hours: 1 to 744 (a month)");
+            }
             "--quick" => {
                 o.customers = 20_000;
                 o.rounds = 1;
@@ -92,7 +105,7 @@ fn options() -> anyhow::Result<Option<Options>> {
     Ok(Some(o))
 }
 
-async fn fill(db: &ClickHouseConfig, config: &Config, n: u64) -> anyhow::Result<()> {
+async fn fill(db: &ClickHouseConfig, config: &Config, n: u64, hours: u64) -> anyhow::Result<()> {
     let client = tally_aggregator::migrate::client(db);
     client
         .query(&format!(
@@ -106,25 +119,55 @@ async fn fill(db: &ClickHouseConfig, config: &Config, n: u64) -> anyhow::Result<
         .execute()
         .await?;
     let catalog = config.catalog();
-    // One hourly row per customer and meter, each state built from its values as the
-    // aggregator's view builds them.
+    // `hours` hourly rows per customer and meter, each state built from its values as the
+    // aggregator's view builds them. The last hour holds the customer's usage; the earlier
+    // ones count nothing (LATEST's value is the last hour's, the distinct values the same
+    // set each hour), so the totals are `usage_of`'s whatever `hours` is. In the SQL,
+    // `number` is the customer's n and `k` the hour.
+    let last = hours - 1;
     for (meter, events, sum, latest, distinct) in FILL {
         let key = catalog.meter(meter).context("bench meter")?.storage_key();
         client
             .query(&format!(
                 "INSERT INTO rollups_hourly SELECT '{TENANT}', concat('c', toString(number)), '{key}', \
-                 toDateTime('2026-10-10 10:00:00', 'UTC'), emptyArrayString(), \
-                 arrayReduce('sumState', [toUInt64({events})]), \
-                 arrayReduce('sumState', [toDecimal128({sum}, 9)]), \
+                 toDateTime('2026-10-01 00:00:00', 'UTC') + 3600 * k, emptyArrayString(), \
+                 arrayReduce('sumState', [if(k = {last}, toUInt64({events}), toUInt64(0))]), \
+                 arrayReduce('sumState', \
+                   [if(k = {last}, toDecimal128({sum}, 9), toDecimal128(0, 9))]), \
                  arrayReduce('minState', [toDecimal128(0, 9)]), \
                  arrayReduce('maxState', [toDecimal128(0, 9)]), \
-                 arrayReduce('argMaxState', [toDecimal128({latest}, 9)], [toUInt64(1)]), \
-                 arrayReduce('uniqExactState', {distinct}) FROM numbers({n})"
+                 arrayReduce('argMaxState', [toDecimal128({latest}, 9)], [toUInt64(k + 1)]), \
+                 arrayReduce('uniqExactState', {distinct}) \
+                 FROM (SELECT intDiv(i, {hours}) AS number, i % {hours} AS k \
+                       FROM (SELECT number AS i FROM numbers({rows})))",
+                rows = n * hours,
             ))
             .execute()
             .await?;
     }
+    // The days, as the aggregator's view and migration V11 keep them from the same rows.
+    client
+        .query(&format!(
+            "INSERT INTO usage_daily \
+             SELECT tenant, customer, meter, toStartOfDay(hour) AS day, \
+               sumMergeState(events), sumMergeState(value_sum), minMergeState(value_min), \
+               maxMergeState(value_max), argMaxMergeState(value_latest), \
+               uniqExactMergeState(value_unique) \
+             FROM rollups_hourly WHERE tenant = '{TENANT}' \
+             GROUP BY tenant, customer, meter, day"
+        ))
+        .execute()
+        .await?;
     Ok(())
+}
+
+/// Adds every quantity of `usage` to its meter's total.
+fn add_usage(totals: &mut BTreeMap<String, Decimal>, usage: &UsageTable) {
+    for quantities in usage.values() {
+        for (meter, q) in quantities {
+            *totals.entry(meter.clone()).or_default() += *q;
+        }
+    }
 }
 
 /// Running sums of subtotals and totals.
@@ -181,11 +224,12 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let started = Instant::now();
-    fill(&db, &config, o.customers).await?;
+    fill(&db, &config, o.customers, o.hours).await?;
     println!(
-        "filled {} subscriptions and {} rollup rows in {:.1} s",
+        "filled {} subscriptions and {} hourly rollup rows ({} per customer and meter) in {:.1} s",
         o.customers,
-        o.customers * FILL.len() as u64,
+        o.customers * FILL.len() as u64 * o.hours,
+        o.hours,
         started.elapsed().as_secs_f64()
     );
 
@@ -249,10 +293,13 @@ async fn main() -> anyhow::Result<()> {
         let cpu0 = cpu_now();
         let t = Instant::now();
         let mut rows = 0usize;
+        let mut by_day = BTreeMap::<String, Decimal>::new();
         for batch in &read {
             let (requests, meters) = tally_rater::run::requests(&plans, batch);
             let meters: Vec<&str> = meters.iter().map(String::as_str).collect();
-            rows += reader.read(TENANT, &meters, &requests).await?.len();
+            let usage = reader.read(TENANT, &meters, &requests).await?;
+            rows += usage.len();
+            add_usage(&mut by_day, &usage);
         }
         reads.push(t.elapsed());
         let read_cpu = cpu_used(cpu0);
@@ -260,14 +307,40 @@ async fn main() -> anyhow::Result<()> {
             rows == whole_n,
             "usage of {rows} customers read, {whole_n} invoiced"
         );
+        // The same usage read by the hour, as every read was before the daily rollups
+        // (V11): each period an hour wider on both sides, where there is no usage.
+        let cpu0 = cpu_now();
+        let t = Instant::now();
+        let mut by_hour = BTreeMap::<String, Decimal>::new();
+        for batch in &read {
+            let (mut requests, meters) = tally_rater::run::requests(&plans, batch);
+            let meters: Vec<&str> = meters.iter().map(String::as_str).collect();
+            for r in &mut requests {
+                r.bounds[0] -= time::Duration::HOUR;
+                let end = r.bounds.len() - 1;
+                r.bounds[end] += time::Duration::HOUR;
+            }
+            add_usage(
+                &mut by_hour,
+                &reader.read(TENANT, &meters, &requests).await?,
+            );
+        }
+        ensure!(
+            by_hour == by_day,
+            "usage by the hour {by_hour:?} differs from usage by the day {by_day:?}"
+        );
+        let hourly_reads = t.elapsed();
+        let hourly_cpu = cpu_used(cpu0);
         println!(
             "round {round}: pure pricing {:.2} s, whole run {:.2} s ({} refused); subscriptions \
-             and segments alone {:.2} s; usage reads alone {:.2} s ({read_cpu})",
+             and segments alone {:.2} s; usage reads alone {:.2} s ({read_cpu}); \
+             the same by the hour {:.2} s ({hourly_cpu})",
             pure[round - 1].as_secs_f64(),
             whole[round - 1].as_secs_f64(),
             refused.len(),
             placed.as_secs_f64(),
-            reads[round - 1].as_secs_f64()
+            reads[round - 1].as_secs_f64(),
+            hourly_reads.as_secs_f64(),
         );
     }
     // The final run: the same invoices stored (headers and lines), then the run again, which
