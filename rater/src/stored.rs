@@ -18,7 +18,7 @@
 //! Rows written before hold named fields (layout 0): a line's fields as an object, a header
 //! with the whole invoice but its lines (or, before V8, with them). Both layouts read back.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use rust_decimal::Decimal;
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
@@ -138,15 +138,19 @@ pub(crate) fn push_line_detail(out: &mut String, line: &Line) {
             if i > 0 {
                 out.push(',');
             }
-            out.push('[');
-            out.push_str(itoa(t.tier, &mut [0u8; 20]));
-            for d in [Some(t.from), t.to, Some(t.units), Some(t.unit_price)] {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "[{}", t.tier);
+            let fields = [
+                Some(t.from),
+                t.to,
+                Some(t.units),
+                Some(t.unit_price),
+                Some(t.flat_fee),
+                Some(t.amount),
+            ];
+            for d in fields {
                 out.push(',');
                 push_decimal_json(out, d);
-            }
-            for d in [t.flat_fee, t.amount] {
-                out.push(',');
-                push_decimal_json(out, Some(d));
             }
             out.push(']');
         }
@@ -157,19 +161,6 @@ pub(crate) fn push_line_detail(out: &mut String, line: &Line) {
         push_json_str(out, a);
     }
     out.push(']');
-}
-
-fn itoa(mut v: usize, buf: &mut [u8; 20]) -> &str {
-    let mut pos = buf.len();
-    loop {
-        pos -= 1;
-        buf[pos] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(&buf[pos..]).unwrap_or_default()
 }
 
 /// A line's fields without a column of their own, as read back.

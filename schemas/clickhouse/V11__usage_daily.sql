@@ -14,6 +14,8 @@
 -- The last statement fills the table from the hourly rollups already stored. Apply this
 -- migration with no aggregator flushing (as `tally-aggregator migrate` before starting
 -- them): a flush between the view's creation and that statement would be counted twice.
+-- It groups every hourly row in one statement; on a large table, apply it by hand one
+-- month at a time (`WHERE toYYYYMM(hour) = …`) before recording the version.
 CREATE TABLE IF NOT EXISTS usage_daily
 (
     tenant String,
