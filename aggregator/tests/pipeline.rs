@@ -193,6 +193,22 @@ async fn golden_totals_per_aggregation_dimension_and_time_zone() {
             assert_eq!(got, want, "{meter} by day in {tz}");
         }
     }
+    // Days in UTC without dimensions come from the daily rollups: the same as the hours'
+    // days summed over dimension values.
+    for meter in ["requests", "tokens"] {
+        let params = format!(
+            "meter={meter}&window=DAY&tz=UTC&group_by=customer&from=2026-03-27T00:00:00Z&to=2026-04-02T00:00:00Z"
+        );
+        let got = from_api(&instance.usage(&params).await);
+        let mut want: BTreeMap<(i64, String, String), Quantity> = BTreeMap::new();
+        for ((day, customer, _), v) in expected(&events, meter, 0) {
+            let sum = want.entry((day, customer, String::new())).or_default();
+            *sum = sum.checked_add(v.parse().expect("q")).expect("sum");
+        }
+        let want: BTreeMap<_, String> = want.into_iter().map(|(k, v)| (k, v.to_string())).collect();
+        assert!(!want.is_empty());
+        assert_eq!(got, want, "{meter} by UTC day, dimensions summed");
+    }
     // Hours sum to the same totals as the one-window answer, and filters select.
     let hourly = instance
         .usage("meter=tokens&window=HOUR&customer=c1&filter%5Bmodel%5D=m1")

@@ -103,6 +103,60 @@ fn sql_groups_windows_dimensions_and_filters() {
 }
 
 #[test]
+fn days_months_and_totals_in_utc_without_dimensions_read_the_daily_rollups() {
+    let table = |pairs: &[(&str, &str)]| {
+        let s = sql(&q(pairs).expect("valid"), "t").text;
+        match (
+            s.contains("FROM usage_daily"),
+            s.contains("FROM rollups_hourly"),
+        ) {
+            (true, false) => "daily",
+            (false, true) => "hourly",
+            _ => panic!("{s}"),
+        }
+    };
+    let utc = [
+        ("meter", "tokens"),
+        ("from", "2026-11-01T00:00:00Z"),
+        ("to", "2026-12-01T00:00:00Z"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut p = utc.to_vec();
+        p.extend_from_slice(extra);
+        table(&p)
+    };
+    assert_eq!(with(&[]), "daily");
+    assert_eq!(
+        with(&[("window", "DAY"), ("group_by", "customer")]),
+        "daily"
+    );
+    assert_eq!(with(&[("window", "MONTH"), ("customer", "c1")]), "daily");
+    assert_eq!(table(&[("meter", "tokens"), ("window", "MONTH")]), "daily");
+    // Hours, dimensions, other offsets and bounds inside a day need the hours.
+    assert_eq!(with(&[("window", "HOUR")]), "hourly");
+    assert_eq!(with(&[("group_by", "model")]), "hourly");
+    assert_eq!(with(&[("filter", "model:a")]), "hourly");
+    assert_eq!(with(&[("window", "DAY"), ("tz", "+02:00")]), "hourly");
+    assert_eq!(
+        table(&[("meter", "tokens"), ("from", "2026-11-01T05:00:00Z")]),
+        "hourly"
+    );
+    assert_eq!(
+        table(&[("meter", "tokens"), ("to", "2026-11-02T01:00:00Z")]),
+        "hourly"
+    );
+    let daily = sql(
+        &q(&[("meter", "tokens"), ("window", "DAY")]).expect("valid"),
+        "t",
+    )
+    .text;
+    assert!(
+        daily.starts_with("SELECT toInt64(toStartOfDay(day + (0))) - (0) AS window_start"),
+        "{daily}"
+    );
+}
+
+#[test]
 fn answers_use_the_requested_offset_and_exact_values() {
     let query = q(&[
         ("meter", "tokens"),
