@@ -297,6 +297,18 @@ async fn daily_rollups_hold_what_their_hours_hold() {
         .expect("daily");
     assert_eq!(hourly.len(), 5, "{hourly:?}");
     assert_eq!(daily, hourly);
+    // Applied again, as after a kill before its record: the days already there stay single.
+    db.query("TRUNCATE TABLE schema_migrations")
+        .execute()
+        .await
+        .expect("forget the records");
+    migrate::apply(&c, &all).await.expect("apply again");
+    let again: Vec<Day> = db
+        .query(&per_day("usage_daily", "day"))
+        .fetch_all()
+        .await
+        .expect("daily again");
+    assert_eq!(again, hourly, "nothing counted twice");
     // c1's first day by hand: 3 + 1 + 4 events; latest is the value at 350 (9).
     let c1 = &daily[1];
     assert_eq!(

@@ -11,11 +11,13 @@
 -- `ingest_ledger`, named to run before the checkpoint view, see V2): whoever sees a
 -- flush's checkpoint sees its days too, and a rebuild's rows reach both tables alike.
 --
--- The last statement fills the table from the hourly rollups already stored. Apply this
--- migration with no aggregator flushing (as `tally-aggregator migrate` before starting
--- them): a flush between the view's creation and that statement would be counted twice.
--- It groups every hourly row in one statement; on a large table, apply it by hand one
--- month at a time (`WHERE toYYYYMM(hour) = …`) before recording the version.
+-- The last statement fills the table from the hourly rollups already stored, each day that
+-- is not there yet: run again after a kill, it adds only what the killed run did not (a day
+-- is one row of its output, so it was written whole or not at all). Apply this migration
+-- with no aggregator flushing (as `tally-aggregator migrate` before starting them): a day
+-- a flush reaches between the view's creation and that statement would be filled from
+-- neither or counted twice. The statement groups every hourly row at once; on a large table,
+-- run it by hand one month at a time (`WHERE toYYYYMM(hour) = …`) before applying.
 CREATE TABLE IF NOT EXISTS usage_daily
 (
     tenant String,
@@ -46,9 +48,16 @@ WHERE kind = 2
 GROUP BY tenant, customer, meter, day;
 
 INSERT INTO usage_daily
-SELECT tenant, customer, meter, toStartOfDay(hour) AS day,
-       sumMergeState(events), sumMergeState(value_sum), minMergeState(value_min),
-       maxMergeState(value_max), argMaxMergeState(value_latest),
-       uniqExactMergeState(value_unique)
-FROM rollups_hourly
-GROUP BY tenant, customer, meter, day;
+SELECT tenant, customer, meter, day, events, value_sum, value_min, value_max, value_latest,
+       value_unique
+FROM
+(
+    SELECT tenant, customer, meter, toStartOfDay(hour) AS day,
+           sumMergeState(events) AS events, sumMergeState(value_sum) AS value_sum,
+           minMergeState(value_min) AS value_min, maxMergeState(value_max) AS value_max,
+           argMaxMergeState(value_latest) AS value_latest,
+           uniqExactMergeState(value_unique) AS value_unique
+    FROM rollups_hourly
+    GROUP BY tenant, customer, meter, day
+)
+WHERE (tenant, customer, meter, day) NOT IN (SELECT tenant, customer, meter, day FROM usage_daily);
