@@ -12,12 +12,12 @@
 //! insert), grouped by their segment bounds: the statement carries each distinct set of
 //! bounds once, and each group is one branch reading `customer IN` its part of that table.
 //! Each meter's state is merged only for the rows of its own meter (`-MergeIf`): merging
-//! every state of every row cost as much again. A customer whose segment bounds all fall on whole hours (and not all on
-//! whole days) is read from `rollups_hourly`; a customer with any bound inside an hour (a change "at once", say) is
-//! read entirely from `events_raw`, which holds the very events the rollups count (both are
-//! written by one insert per flush, duplicates already removed), measured here by the
-//! aggregator's own rules. Both reads are exact; the raw one costs more, and only those
-//! customers pay it.
+//! every state of every row cost as much again. A customer whose segment bounds all fall
+//! on whole hours (and not all on UTC midnights) is read from `rollups_hourly`; a customer
+//! with any bound inside an hour (a change "at once", say) is read entirely from
+//! `events_raw`, which holds the very events the rollups count (all are written by one
+//! insert per flush, duplicates already removed), measured here by the aggregator's own
+//! rules. Every read is exact; the raw one costs more, and only those customers pay it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
