@@ -665,6 +665,81 @@ mod tests {
         }
     }
 
+    /// A header written now reads back, with the row's columns, as the invoice without its
+    /// lines; period bounds inside a second go into the JSON, whole ones stay in columns.
+    #[test]
+    fn a_header_reads_back_from_its_json_and_columns() {
+        use time::macros::datetime;
+        let segment = |from, to, plan: &str, version| SegmentSummary {
+            from,
+            to,
+            plan: plan.into(),
+            version,
+            digest: "ab".repeat(32),
+            seconds: d("1296000"),
+            period_seconds: d("2678400"),
+        };
+        for (start, end) in [
+            (
+                datetime!(2026-10-01 0:00 UTC),
+                datetime!(2026-11-01 0:00 UTC),
+            ),
+            (
+                datetime!(2026-10-01 0:00:00.25 UTC),
+                datetime!(2026-11-01 0:00:00.25 UTC),
+            ),
+        ] {
+            let invoice = crate::Invoice {
+                customer: "it's \"q\"".into(),
+                period_start: start,
+                period_end: end,
+                interval: Interval::Yearly,
+                currency: Currency::from_code("EUR").expect("EUR"),
+                segments: vec![
+                    segment(start, datetime!(2026-10-16 12:00 UTC), "pro", 2),
+                    segment(datetime!(2026-10-16 12:00 UTC), end, "team", 1),
+                ],
+                lines: Vec::new(),
+                subtotal: d("10.50"),
+                total: d("-0.00"),
+            };
+            let json = header_json(&invoice).expect("json");
+            assert!(json.starts_with(r#"{"#), "{json}");
+            assert_eq!(
+                json.contains("period_start"),
+                start.nanosecond() != 0,
+                "{json}"
+            );
+            let columns = HeaderColumns {
+                customer: invoice.customer.clone(),
+                period_start: start.unix_timestamp() as u32,
+                period_end: end.unix_timestamp() as u32,
+                currency: "EUR".into(),
+                subtotal: text(invoice.subtotal),
+                total: text(invoice.total),
+            };
+            let back = header(&json, columns).expect("reads back");
+            assert!(!back.has_lines);
+            assert_eq!(back.invoice, invoice);
+            assert_eq!(
+                serde_json::to_string(&back.invoice).expect("json"),
+                serde_json::to_string(&invoice).expect("json")
+            );
+        }
+        let columns = || HeaderColumns {
+            customer: "c".into(),
+            period_start: 0,
+            period_end: 1,
+            currency: "XYZ".into(),
+            subtotal: "1".into(),
+            total: "1".into(),
+        };
+        let e = header(r#"{"interval":"monthly","segments":[]}"#, columns());
+        assert!(e.err().expect("currency").contains("\"XYZ\""));
+        let e = header(r#"{"interval":"weekly","segments":[]}"#, columns());
+        assert!(e.err().expect("interval").contains("header json"));
+    }
+
     #[test]
     fn absent_fields_at_the_end_are_left_out() {
         let mut line = Line {
