@@ -1,11 +1,11 @@
--- Usage per tenant, customer, meter and UTC day, for billing: the rater reads whole-day
--- segments here instead of every hour and dimension value of `rollups_hourly`.
+-- Usage per tenant, customer, meter and UTC day: the rater reads whole-day segments here
+-- instead of every hour and dimension value of `rollups_hourly`, and so does the usage API
+-- for UTC days, months and totals that group and filter on no dimension.
 --
 -- A month of an active customer's meter is up to 720 hourly rows per dimension value; here
--- it is 30 rows, whatever the dimensions. Invoices need no dimensions, and a period that
--- starts and ends at UTC midnight (the usual billing anchor) reads only this table; one
--- with a bound inside a day reads `rollups_hourly` as before. The usage API keeps reading
--- hours: its days follow the caller's time zone.
+-- it is 30 rows, whatever the dimensions. Invoices need no dimensions: a period that
+-- starts and ends at UTC midnight (an anchor at 00:00 UTC) reads only this table, and one
+-- with a bound inside a day reads `rollups_hourly` as before.
 --
 -- Written by the same single insert per flush as the hourly rollups (a view of
 -- `ingest_ledger`, named to run before the checkpoint view, see V2): whoever sees a
@@ -15,9 +15,9 @@
 -- is not there yet: run again after a kill, it adds only what the killed run did not (a day
 -- is one row of its output, so it was written whole or not at all). Apply this migration
 -- with no aggregator flushing (as `tally-aggregator migrate` before starting them): a day
--- a flush reaches between the view's creation and that statement would be filled from
--- neither or counted twice. The statement groups every hourly row at once; on a large table,
--- run it by hand one month at a time (`WHERE toYYYYMM(hour) = …`) before applying.
+-- that a flush reached between the view's creation and that statement would hold only
+-- that flush. The statement groups every hourly row at once; on a large table, run it by
+-- hand one month at a time (`WHERE toYYYYMM(hour) = …`) before applying.
 CREATE TABLE IF NOT EXISTS usage_daily
 (
     tenant String,
