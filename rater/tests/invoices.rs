@@ -12,7 +12,7 @@ use common::*;
 use tally_rater::run::{Billable, InvoiceRun};
 use tally_rater::subscription::SegmentRef;
 use tally_rater::usage::{UsageReader, UsageRequest};
-use tally_rater::{period_containing, Catalog, Interval, Invoice, LineKind, Segment};
+use tally_rater::{period_containing, Catalog, Interval, Invoice, Line, LineKind, Segment};
 use time::macros::datetime;
 
 fn plans() -> Catalog {
@@ -431,6 +431,63 @@ fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
+/// `priced` as an earlier run issued it: with an adjustment line that pricing does not give
+/// now, so it can only come back by being read.
+fn issued(priced: &Invoice, amount: &str, adjusts: &str) -> Invoice {
+    let mut old = priced.clone();
+    let mut extra = old.lines[0].clone();
+    extra.kind = LineKind::Adjustment;
+    extra.segment = None;
+    extra.amount = amount.parse().expect("decimal");
+    extra.adjusts = Some(adjusts.into());
+    old.total += extra.amount;
+    old.lines.push(extra);
+    old
+}
+
+/// The statements that store `inv` as `customer`'s invoice `id` the way an earlier layout
+/// did: `head` as the header's JSON, `line` giving each line's, under run id `run` (empty
+/// before V8).
+fn old_rows(
+    customer: &str,
+    id: &str,
+    (start, end): (i64, i64),
+    inv: &Invoice,
+    head: String,
+    line: impl Fn(&Line) -> String,
+    run: &str,
+) -> Vec<String> {
+    let mut out = vec![format!(
+        "INSERT INTO invoices (tenant, customer, invoice_id, period_start, period_end, currency, \
+         subtotal, total, invoice, finalized_at, run_id) VALUES ('demo', {}, {}, {start}, {end}, \
+         'USD', {}, {}, {}, now(), {})",
+        lit(customer),
+        lit(id),
+        lit(&inv.subtotal.to_string()),
+        lit(&inv.total.to_string()),
+        lit(&head),
+        lit(run),
+    )];
+    for (n, l) in inv.lines.iter().enumerate() {
+        out.push(format!(
+            "INSERT INTO invoice_lines (tenant, customer, invoice_id, period_start, line_no, \
+             segment, kind, charge, meter, quantity, amount, currency, line, run_id) VALUES \
+             ('demo', {}, {}, {start}, {n}, {}, {}, {}, {}, {}, {}, 'USD', {}, {})",
+            lit(customer),
+            lit(id),
+            l.segment.map_or(-1, |s| s as i32),
+            lit(l.kind.name()),
+            lit(l.charge.as_deref().unwrap_or_default()),
+            lit(l.meter.as_deref().unwrap_or_default()),
+            lit(&l.quantity.map(|q| q.to_string()).unwrap_or_default()),
+            lit(&l.amount.to_string()),
+            lit(&line(l)),
+            lit(run),
+        ));
+    }
+    out
+}
+
 #[tokio::test]
 async fn invoices_stored_in_earlier_layouts_and_lines_left_by_a_dead_run_read_right() {
     let (db, reader) = usage_database("layouts").await;
@@ -468,87 +525,39 @@ async fn invoices_stored_in_earlier_layouts_and_lines_left_by_a_dead_run_read_ri
     };
 
     // alpha was finalized before V8: the whole invoice in its header, each whole line in
-    // `line`, no run id. It differs from what pricing gives now (an extra adjustment line),
-    // so it can only come back by being read.
-    let mut old = priced["alpha"].clone();
-    let mut extra = old.lines[0].clone();
-    extra.kind = LineKind::Adjustment;
-    extra.segment = None;
-    extra.amount = "1.00".parse().expect("decimal");
-    extra.adjusts = Some("demo/alpha/0".into());
-    old.total += extra.amount;
-    old.lines.push(extra);
+    // `line`, no run id.
+    let old = issued(&priced["alpha"], "1.00", "demo/alpha/0");
     let id = format!("demo/alpha/{start}");
-    exec(format!(
-        "INSERT INTO invoices (tenant, customer, invoice_id, period_start, period_end, currency, \
-         subtotal, total, invoice, finalized_at) VALUES ('demo', 'alpha', {}, {start}, {}, 'USD', \
-         {}, {}, {}, now())",
-        lit(&id),
-        period.end().unix_timestamp(),
-        lit(&old.subtotal.to_string()),
-        lit(&old.total.to_string()),
-        lit(&serde_json::to_string(&old).expect("json")),
-    ))
-    .await;
-    for (n, l) in old.lines.iter().enumerate() {
-        exec(format!(
-            "INSERT INTO invoice_lines (tenant, customer, invoice_id, period_start, line_no, \
-             segment, kind, charge, meter, quantity, amount, currency, line) VALUES \
-             ('demo', 'alpha', {}, {start}, {n}, {}, {}, {}, {}, {}, {}, 'USD', {})",
-            lit(&id),
-            l.segment.map_or(-1, |s| s as i32),
-            lit(l.kind.name()),
-            lit(l.charge.as_deref().unwrap_or_default()),
-            lit(l.meter.as_deref().unwrap_or_default()),
-            lit(&l.quantity.map(|q| q.to_string()).unwrap_or_default()),
-            lit(&l.amount.to_string()),
-            lit(&serde_json::to_string(l).expect("json")),
-        ))
-        .await;
+    let end = period.end().unix_timestamp();
+    let whole = serde_json::to_string(&old).expect("json");
+    let whole_line = |l: &Line| serde_json::to_string(l).expect("json");
+    for sql in old_rows("alpha", &id, (start, end), &old, whole, whole_line, "") {
+        exec(sql).await;
     }
     // gamma was finalized between V8 and V10: the header's JSON is the invoice without its
     // lines, each line's JSON its fields without a column, by name; both under a run id.
-    let mut old_gamma = priced["gamma"].clone();
-    let mut extra = old_gamma.lines[0].clone();
-    extra.kind = LineKind::Adjustment;
-    extra.segment = None;
-    extra.amount = "2.50".parse().expect("decimal");
-    extra.adjusts = Some("demo/gamma/0".into());
-    old_gamma.total += extra.amount;
-    old_gamma.lines.push(extra);
+    let old_gamma = issued(&priced["gamma"], "2.50", "demo/gamma/0");
     let gamma_id = format!("demo/gamma/{start}");
     let mut head = serde_json::to_value(&old_gamma).expect("json");
     head.as_object_mut().expect("object").remove("lines");
-    exec(format!(
-        "INSERT INTO invoices (tenant, customer, invoice_id, period_start, period_end, currency, \
-         subtotal, total, invoice, finalized_at, run_id) VALUES ('demo', 'gamma', {}, {start}, \
-         {}, 'USD', {}, {}, {}, now(), 'r9')",
-        lit(&gamma_id),
-        period.end().unix_timestamp(),
-        lit(&old_gamma.subtotal.to_string()),
-        lit(&old_gamma.total.to_string()),
-        lit(&head.to_string()),
-    ))
-    .await;
-    for (n, l) in old_gamma.lines.iter().enumerate() {
+    let named_line = |l: &Line| {
         let mut detail = serde_json::to_value(l).expect("json");
         for column in ["segment", "kind", "charge", "meter", "quantity", "amount"] {
             detail.as_object_mut().expect("object").remove(column);
         }
-        exec(format!(
-            "INSERT INTO invoice_lines (tenant, customer, invoice_id, period_start, line_no, \
-             segment, kind, charge, meter, quantity, amount, currency, line, run_id) VALUES \
-             ('demo', 'gamma', {}, {start}, {n}, {}, {}, {}, {}, {}, {}, 'USD', {}, 'r9')",
-            lit(&gamma_id),
-            l.segment.map_or(-1, |s| s as i32),
-            lit(l.kind.name()),
-            lit(l.charge.as_deref().unwrap_or_default()),
-            lit(l.meter.as_deref().unwrap_or_default()),
-            lit(&l.quantity.map(|q| q.to_string()).unwrap_or_default()),
-            lit(&l.amount.to_string()),
-            lit(&detail.to_string()),
-        ))
-        .await;
+        detail.to_string()
+    };
+    let head = head.to_string();
+    for sql in old_rows(
+        "gamma",
+        &gamma_id,
+        (start, end),
+        &old_gamma,
+        head,
+        named_line,
+        "r9",
+    ) {
+        exec(sql).await;
     }
     // beta: a run died after inserting a line and before its header (its run id sorts
     // before any real one, so a reader that ignored run ids would take it).
