@@ -3,7 +3,8 @@
 # .stack/tally/. Binaries come from `cargo build --release` (the Makefile builds them).
 #
 #   scripts/services.sh up       start what is not running (idempotent; the aggregator
-#                                applies the ClickHouse migrations as it starts)
+#                                applies the ClickHouse migrations as it starts), and
+#                                restart what runs a binary rebuilt since it started
 #   scripts/services.sh down     SIGTERM (services flush and drain), SIGKILL after a deadline
 #   scripts/services.sh status   which services answer /healthz and /readyz
 #
@@ -39,12 +40,41 @@ tail_log() {
     tail -n 40 "$STATE/$1.log" >&2 || true
 }
 
+# SIGTERM (the service flushes and drains), SIGKILL after STOP_TIMEOUT.
+stop_one() {
+    local svc="$1" pid="$2"
+    kill -TERM "$pid"
+    local deadline=$((SECONDS + STOP_TIMEOUT))
+    while kill -0 "$pid" 2>/dev/null; do
+        if ((SECONDS > deadline)); then
+            echo "services: $svc did not stop within ${STOP_TIMEOUT}s; killing it" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+            break
+        fi
+        sleep 0.2
+    done
+    rm -f "$STATE/$svc.pid"
+}
+
+# Whether the running process is the binary now on disk: a rebuild puts a new file (a new
+# inode) where the old one was, and the process keeps running the old one.
+current_binary() {
+    local svc="$1" pid="$2" running on_disk
+    running="$(stat -L -c %d:%i "/proc/$pid/exe" 2>/dev/null)" || return 0
+    on_disk="$(stat -L -c %d:%i "$BIN/${BINARY[$svc]}" 2>/dev/null)" || return 0
+    [[ "$running" == "$on_disk" ]]
+}
+
 up() {
     mkdir -p "$STATE"
     for svc in "${SERVICES[@]}"; do
         if pid="$(pid_of "$svc")" && answers "$svc" /healthz; then
-            echo "$svc: already running (pid $pid) at http://${ADDR[$svc]}"
-            continue
+            if current_binary "$svc" "$pid"; then
+                echo "$svc: already running (pid $pid) at http://${ADDR[$svc]}"
+                continue
+            fi
+            echo "$svc: $BIN/${BINARY[$svc]} was rebuilt since pid $pid started; restarting it"
+            stop_one "$svc" "$pid"
         fi
         if answers "$svc" /healthz; then
             echo "services: something else answers on ${ADDR[$svc]}; stop it first" >&2
@@ -80,17 +110,7 @@ down() {
             rm -f "$STATE/$svc.pid"
             continue
         fi
-        kill -TERM "$pid"
-        local deadline=$((SECONDS + STOP_TIMEOUT))
-        while kill -0 "$pid" 2>/dev/null; do
-            if ((SECONDS > deadline)); then
-                echo "services: $svc did not stop within ${STOP_TIMEOUT}s; killing it" >&2
-                kill -KILL "$pid" 2>/dev/null || true
-                break
-            fi
-            sleep 0.2
-        done
-        rm -f "$STATE/$svc.pid"
+        stop_one "$svc" "$pid"
         echo "$svc: stopped"
     done
 }
