@@ -87,8 +87,8 @@ pub fn usage_of(n: u64) -> BTreeMap<String, Decimal> {
     ])
 }
 
-/// How `tally-ratebench` fills one hourly rollup row per customer and meter, as SQL over
-/// `number` (the customer's `n`): (meter, events, sum, latest, the distinct values counted,
+/// How `tally-ratebench` fills a customer's hourly rollup rows (the last of its `--hours`
+/// holds the usage), as SQL over `number` (the customer's `n`): (meter, events, sum, latest, the distinct values counted,
 /// as an `Array(String)`). Every state column is filled, as the aggregator's view fills
 /// them; each meter reads its own.
 pub const FILL: [(&str, &str, &str, &str, &str); 5] = [

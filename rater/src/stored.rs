@@ -82,18 +82,6 @@ fn pop_digit(m: &mut u128) -> u8 {
     b'0' + digit as u8
 }
 
-/// Appends `s` as a JSON string.
-fn push_json_str(out: &mut String, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-    } else {
-        // Infallible for a str.
-        out.push_str(&serde_json::to_string(s).unwrap_or_default());
-    }
-}
-
 fn push_decimal_json(out: &mut String, d: Option<Decimal>) {
     match d {
         Some(d) => {
@@ -158,13 +146,17 @@ pub(crate) fn push_line_detail(out: &mut String, line: &Line) {
     }
     if let Some(a) = &line.adjusts {
         out.push(',');
-        push_json_str(out, a);
+        // A str always serializes (escaped as JSON wants).
+        out.push_str(&serde_json::to_string(a).unwrap_or_default());
     }
     out.push(']');
 }
 
-/// A line's fields without a column of their own, as read back.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// A line's fields without a column of their own, as read back. Rows of layout 0 hold them
+/// by name (lines stored before schema V8 hold the whole line; its fields with columns are
+/// ignored here, they equal the columns); layout 1 by position ([`ByPosition`]).
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
 struct Detail {
     included: Option<Decimal>,
     billable_quantity: Option<Decimal>,
@@ -175,25 +167,9 @@ struct Detail {
     adjusts: Option<String>,
 }
 
-/// [`Detail`] as rows of layout 0 hold it: named fields. Lines stored before schema V8 hold
-/// the whole line; its fields with columns are ignored here (they equal the columns).
-#[derive(Deserialize)]
-struct NamedDetail {
-    #[serde(default)]
-    included: Option<Decimal>,
-    #[serde(default)]
-    billable_quantity: Option<Decimal>,
-    #[serde(default)]
-    unit_price: Option<Decimal>,
-    #[serde(default)]
-    packages: Option<Decimal>,
-    #[serde(default)]
-    minimum: Option<Decimal>,
-    #[serde(default)]
-    tiers: Vec<TierAmount>,
-    #[serde(default)]
-    adjusts: Option<String>,
-}
+/// [`Detail`] as layout 1 writes it: `[included, billable_quantity, unit_price, packages,
+/// minimum, tiers, adjusts]`, absent fields at the end left out.
+struct ByPosition(Detail);
 
 /// A tier by position: `[tier, from, to, units, unit_price, flat_fee, amount]`.
 #[derive(Deserialize)]
@@ -207,8 +183,8 @@ struct TierRow(
     Decimal,
 );
 
-impl<'de> Deserialize<'de> for Detail {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Detail, D::Error> {
+impl<'de> Deserialize<'de> for ByPosition {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<ByPosition, D::Error> {
         struct Positional;
         impl<'de> Visitor<'de> for Positional {
             type Value = Detail;
@@ -253,28 +229,17 @@ impl<'de> Deserialize<'de> for Detail {
                 })
             }
         }
-        deserializer.deserialize_seq(Positional)
+        deserializer.deserialize_seq(Positional).map(ByPosition)
     }
 }
 
 fn detail(json: &str, layout: u8) -> Result<Detail, String> {
-    match layout {
-        0 => {
-            let d: NamedDetail =
-                serde_json::from_str(json).map_err(|e| format!("line json: {e}"))?;
-            Ok(Detail {
-                included: d.included,
-                billable_quantity: d.billable_quantity,
-                unit_price: d.unit_price,
-                packages: d.packages,
-                minimum: d.minimum,
-                tiers: d.tiers,
-                adjusts: d.adjusts,
-            })
-        }
-        LAYOUT => serde_json::from_str(json).map_err(|e| format!("line json: {e}")),
-        other => Err(format!("layout {other} is not one this rater reads")),
-    }
+    let read = match layout {
+        0 => serde_json::from_str::<Detail>(json),
+        LAYOUT => serde_json::from_str::<ByPosition>(json).map(|p| p.0),
+        other => return Err(format!("layout {other} is not one this rater reads")),
+    };
+    read.map_err(|e| format!("line json: {e}"))
 }
 
 /// An `invoice_lines` row as read back: the columns a [`Line`] is rebuilt from.

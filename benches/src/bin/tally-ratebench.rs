@@ -105,7 +105,15 @@ fn options() -> anyhow::Result<Option<Options>> {
     Ok(Some(o))
 }
 
-async fn fill(db: &ClickHouseConfig, config: &Config, n: u64, hours: u64) -> anyhow::Result<()> {
+/// Fills `n` subscriptions, `hours` hourly rollup rows per customer and meter, and the days
+/// they make (`backfill`: V11's statement filling `usage_daily` from `rollups_hourly`).
+async fn fill(
+    db: &ClickHouseConfig,
+    config: &Config,
+    n: u64,
+    hours: u64,
+    backfill: &str,
+) -> anyhow::Result<()> {
     let client = tally_aggregator::migrate::client(db);
     client
         .query(&format!(
@@ -145,19 +153,7 @@ async fn fill(db: &ClickHouseConfig, config: &Config, n: u64, hours: u64) -> any
             .execute()
             .await?;
     }
-    // The days, as the aggregator's view and migration V11 keep them from the same rows.
-    client
-        .query(&format!(
-            "INSERT INTO usage_daily \
-             SELECT tenant, customer, meter, toStartOfDay(hour) AS day, \
-               sumMergeState(events), sumMergeState(value_sum), minMergeState(value_min), \
-               maxMergeState(value_max), argMaxMergeState(value_latest), \
-               uniqExactMergeState(value_unique) \
-             FROM rollups_hourly WHERE tenant = '{TENANT}' \
-             GROUP BY tenant, customer, meter, day"
-        ))
-        .execute()
-        .await?;
+    client.query(backfill).execute().await?;
     // Each table merged into one part, as background merges leave a month that has settled:
     // the fill's inserts leave the two tables with different numbers of parts (3 and 8 for
     // a million customers), and a read costs more the more parts it opens (a third more CPU
@@ -228,13 +224,16 @@ async fn main() -> anyhow::Result<()> {
         user: "default".into(),
         password: String::new(),
     };
-    tally_aggregator::migrate::apply(
-        &db,
-        &tally_aggregator::migrate::load(&root.join("schemas/clickhouse"))?,
-    )
-    .await?;
+    let migrations = tally_aggregator::migrate::load(&root.join("schemas/clickhouse"))?;
+    tally_aggregator::migrate::apply(&db, &migrations).await?;
+    // The days are filled as migration V11 fills them from the hours already stored.
+    let backfill = migrations
+        .iter()
+        .flat_map(|m| &m.statements)
+        .find(|s| s.starts_with("INSERT INTO usage_daily"))
+        .context("no migration fills usage_daily")?;
     let started = Instant::now();
-    fill(&db, &config, o.customers, o.hours).await?;
+    fill(&db, &config, o.customers, o.hours, backfill).await?;
     println!(
         "filled {} subscriptions and {} hourly rollup rows ({} per customer and meter) in {:.1} s",
         o.customers,
