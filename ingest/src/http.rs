@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 use serde_json::{json, Value};
@@ -40,6 +40,36 @@ pub struct App<S> {
     tenants: Tenants,
     config: Config,
     clock: Clock,
+    hot: Hot,
+}
+
+/// The metric handles every accepted request touches, looked up once: a `metrics::*!` macro
+/// builds its key and searches the registry on every call (six per request, about 1.5 % of
+/// the collector's CPU with one event per POST).
+struct Hot {
+    in_flight: metrics::Gauge,
+    accepted: metrics::Counter,
+    /// Per event route (native, OpenMeter): its success counter and its latency histogram.
+    routes: [(metrics::Counter, metrics::Histogram); 2],
+}
+
+impl Hot {
+    fn new() -> Hot {
+        let route = |route: &'static str, status: StatusCode| {
+            (
+                metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status.as_str().to_owned()),
+                metrics::histogram!(HTTP_DURATION, "route" => route),
+            )
+        };
+        Hot {
+            in_flight: metrics::gauge!(IN_FLIGHT),
+            accepted: metrics::counter!(EVENTS, "outcome" => "accepted", "reason" => ""),
+            routes: [
+                route("/v1/events", StatusCode::ACCEPTED),
+                route("/api/v1/events", StatusCode::NO_CONTENT),
+            ],
+        }
+    }
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -57,6 +87,7 @@ impl<S: EventSink> App<S> {
             tenants: config.tenants(),
             config,
             clock,
+            hot: Hot::new(),
         }
     }
 
@@ -95,10 +126,23 @@ impl<S: EventSink> App<S> {
                 "method not allowed on this route",
             ),
         };
-        let status = reply.status().as_str().to_owned();
-        metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
-        metrics::histogram!(HTTP_DURATION, "route" => route)
-            .record(started.elapsed().as_secs_f64());
+        let hot = match (route, reply.status()) {
+            ("/v1/events", StatusCode::ACCEPTED) => Some(&self.hot.routes[0]),
+            ("/api/v1/events", StatusCode::NO_CONTENT) => Some(&self.hot.routes[1]),
+            _ => None,
+        };
+        let elapsed = started.elapsed().as_secs_f64();
+        match hot {
+            Some((requests, duration)) => {
+                requests.increment(1);
+                duration.record(elapsed);
+            }
+            None => {
+                let status = reply.status().as_str().to_owned();
+                metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
+                metrics::histogram!(HTTP_DURATION, "route" => route).record(elapsed);
+            }
+        }
         reply
     }
 
@@ -117,9 +161,8 @@ impl<S: EventSink> App<S> {
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
-        let in_flight = metrics::gauge!(IN_FLIGHT);
-        in_flight.increment(1.0);
-        let _done = Decrement(in_flight);
+        self.hot.in_flight.increment(1.0);
+        let _done = Decrement(&self.hot.in_flight);
         let reply = |status, detail: &str| self.problem(api, status, detail, &[]);
         let Some(tenant) = self.authenticate(&req) else {
             let mut r = reply(
@@ -181,6 +224,9 @@ impl<S: EventSink> App<S> {
                 return reply(StatusCode::BAD_REQUEST, &e.to_string());
             }
         };
+        // The records own their bytes: the body (up to `max_body_bytes`) need not be held
+        // while the broker acknowledges them.
+        drop(bytes);
         for r in &refused {
             metrics::counter!(EVENTS, "outcome" => "rejected", "reason" => r.reason).increment(1);
         }
@@ -199,8 +245,7 @@ impl<S: EventSink> App<S> {
         for e in &published.failures {
             metrics::counter!(EVENTS, "outcome" => "failed", "reason" => e.reason()).increment(1);
         }
-        metrics::counter!(EVENTS, "outcome" => "accepted", "reason" => "")
-            .increment(published.delivered as u64);
+        self.hot.accepted.increment(published.delivered as u64);
         if let Some(first) = published.failures.first() {
             debug_assert!(first.is_retryable());
             let failed = published.failures.len();
@@ -229,10 +274,14 @@ impl<S: EventSink> App<S> {
                 *r.status_mut() = StatusCode::NO_CONTENT;
                 r
             }
-            Api::Native if refused.is_empty() => json_reply(
-                StatusCode::ACCEPTED,
-                &json!({"accepted": published.delivered}),
-            ),
+            Api::Native if refused.is_empty() => {
+                // `{"accepted":N}` without building a JSON value: the answer to most requests.
+                let body = format!("{{\"accepted\":{}}}", published.delivered);
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                *r.status_mut() = StatusCode::ACCEPTED;
+                r.headers_mut().insert(CONTENT_TYPE, JSON);
+                r
+            }
             Api::Native => json_reply(
                 StatusCode::ACCEPTED,
                 &json!({"accepted": published.delivered, "rejected": rejected_json(refused)}),
@@ -270,9 +319,9 @@ impl<S: EventSink> App<S> {
 }
 
 /// Lowers the in-flight gauge however the handler returns.
-struct Decrement(metrics::Gauge);
+struct Decrement<'a>(&'a metrics::Gauge);
 
-impl Drop for Decrement {
+impl Drop for Decrement<'_> {
     fn drop(&mut self) {
         self.0.decrement(1.0);
     }
@@ -312,11 +361,12 @@ fn rejected_json(refused: &[Refused]) -> Value {
         .collect()
 }
 
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
 fn json_reply(status: StatusCode, body: &Value) -> Reply {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, "application/json".parse().expect("static"));
+    r.headers_mut().insert(CONTENT_TYPE, JSON);
     r
 }
 
