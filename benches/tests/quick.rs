@@ -12,7 +12,7 @@ fn quick_run_completes_and_reports_positive_rates() {
     // Bounded: a first run may also build tally-ingest, hence more than the quick run needs.
     let run = common::run(
         Path::new(env!("CARGO_BIN_EXE_tally-load")),
-        &["--quick", "--json", "{json}"],
+        &["--quick", "--saturate", "16", "--json", "{json}"],
         Duration::from_secs(600),
     );
     let summary = run.summary();
@@ -31,6 +31,7 @@ fn quick_run_completes_and_reports_positive_rates() {
         [
             ("batched POSTs vs raw produce", "memory"),
             ("one event per POST vs bare hyper", "memory"),
+            ("one event per POST vs bare hyper, saturated", "memory"),
             ("batched POSTs vs raw produce", "sqlite"),
         ]
     );

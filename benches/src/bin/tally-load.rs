@@ -37,6 +37,8 @@ run, on private tansu brokers (memory storage for every figure, sqlite for the b
   --raw-window W         raw producer: records in flight  [default: the producer queue bound]
   --requests N           requests per round of the one-event phase  [default 200000]
   --concurrency C        connections in the one-event phase         [default 64]
+  --saturate C           the one-event figure again over C connections, enough to keep
+                         both servers busy (0: not measured)   [default 1024; --quick: 0]
   --rounds K             measured rounds per figure (median shown)  [default 3]
   --max-phase-secs S     a measured phase stops after N sent or S s [default 10]
   --storage S            memory, sqlite or both                     [default both]
@@ -52,6 +54,8 @@ default: tally-ingest beside this executable, rebuilt first when run through car
 /// The PRODUCT.md targets.
 const BATCHED_TARGET: f64 = 0.8;
 const SINGLE_TARGET: f64 = 0.7;
+const SINGLE: &str = "one event per POST vs bare hyper";
+const SATURATED: &str = "one event per POST vs bare hyper, saturated";
 const RSS_TARGET: u64 = 100_000_000;
 
 #[derive(Debug, Clone)]
@@ -61,6 +65,7 @@ struct Options {
     batch_concurrency: usize,
     requests: usize,
     concurrency: usize,
+    saturate: usize,
     rounds: usize,
     raw_window: Option<usize>,
     max_phase: Duration,
@@ -80,6 +85,7 @@ impl Options {
             batch_concurrency: 32,
             requests: if quick { 2_000 } else { 200_000 },
             concurrency: 64,
+            saturate: if quick { 0 } else { 1024 },
             rounds: if quick { 1 } else { 3 },
             raw_window: None,
             max_phase: Duration::from_secs(if quick { 5 } else { 10 }),
@@ -107,6 +113,10 @@ impl Options {
                 "--batch-concurrency" => o.batch_concurrency = number(value()?)?,
                 "--requests" => o.requests = number(value()?)?,
                 "--concurrency" => o.concurrency = number(value()?)?,
+                "--saturate" => {
+                    let v = value()?;
+                    o.saturate = if v == "0" { 0 } else { number(v)? }
+                }
                 "--rounds" => o.rounds = number(value()?)?,
                 "--raw-window" => o.raw_window = Some(number(value()?)?),
                 "--max-phase-secs" => o.max_phase = Duration::from_secs(number(value()?)? as u64),
@@ -389,23 +399,27 @@ impl Suite<'_> {
         target: (SocketAddr, Option<u32>),
         bodies: &Arc<Vec<Body>>,
         requests: usize,
+        concurrency: usize,
         what: &str,
     ) -> anyhow::Result<Sample> {
         let (mut s, r) = self
-            .post(target, bodies, requests, self.options.concurrency, what)
+            .post(target, bodies, requests, concurrency, what)
             .await?;
         s.rate = r.requests_per_sec();
         Ok(s)
     }
 
     /// Figure 2: one event per POST, the collector against the bare hyper server, under the
-    /// same load (same bodies, connections and request count).
+    /// same load (same bodies, `concurrency` connections and request count).
     async fn single_figure(
         &self,
         label: &'static str,
         bare: &BareServer,
+        concurrency: usize,
+        figure: &'static str,
     ) -> anyhow::Result<Comparison> {
         let o = self.options;
+        let c = concurrency;
         let collector = (self.collector.addr, self.collector.pid());
         let baseline = (bare.addr, bare.child.id());
         let warm_n = Options::warm(o.requests);
@@ -415,13 +429,14 @@ impl Suite<'_> {
             warm_n.min(POOL),
             now,
         )));
-        eprintln!("  [{label}] warm-up: {warm_n} requests each way");
-        self.single(baseline, &warm, warm_n, "bare hyper").await?;
-        self.single(collector, &warm, warm_n, "collector, one event")
+        eprintln!("  [{label}] warm-up: {warm_n} requests each way over {c} connections");
+        self.single(baseline, &warm, warm_n, c, "bare hyper")
+            .await?;
+        self.single(collector, &warm, warm_n, c, "collector, one event")
             .await?;
 
         let mut comparison = Comparison {
-            figure: "one event per POST vs bare hyper",
+            figure,
             broker: label,
             unit: "req/s",
             baseline_name: "bare hyper",
@@ -438,21 +453,21 @@ impl Suite<'_> {
             )));
             let n = o.requests;
             let (base, coll) = if round % 2 == 0 {
-                let base = self.single(baseline, &bodies, n, "bare hyper").await?;
+                let base = self.single(baseline, &bodies, n, c, "bare hyper").await?;
                 let coll = self
-                    .single(collector, &bodies, n, "collector, one event")
+                    .single(collector, &bodies, n, c, "collector, one event")
                     .await?;
                 (base, coll)
             } else {
                 let coll = self
-                    .single(collector, &bodies, n, "collector, one event")
+                    .single(collector, &bodies, n, c, "collector, one event")
                     .await?;
-                let base = self.single(baseline, &bodies, n, "bare hyper").await?;
+                let base = self.single(baseline, &bodies, n, c, "bare hyper").await?;
                 (base, coll)
             };
             eprintln!(
-                "  [{label}] round {}: bare {:.0} req/s in {:.1} s, collector {:.0} req/s in \
-                 {:.1} s ({:.2})",
+                "  [{label}] round {} ({c} connections): bare {:.0} req/s in {:.1} s, collector \
+                 {:.0} req/s in {:.1} s ({:.2})",
                 round + 1,
                 base.rate,
                 base.seconds,
@@ -530,7 +545,14 @@ async fn run(options: Options, args: &[String]) -> anyhow::Result<()> {
         // The one-event figure compares HTTP handling, which the broker's storage touches
         // only through the collector's produce latency: measured on the faster broker.
         if storage == Storage::Memory {
-            comparisons.push(suite.single_figure(label, &bare).await?);
+            let c = options.concurrency;
+            comparisons.push(suite.single_figure(label, &bare, c, SINGLE).await?);
+            // At 64 connections the collector waits on the broker with cores to spare
+            // (throughput = connections / latency); this load keeps both servers busy.
+            if options.saturate > 0 {
+                let c = options.saturate;
+                comparisons.push(suite.single_figure(label, &bare, c, SATURATED).await?);
+            }
         }
         let rss = collector
             .peak_rss()
@@ -550,7 +572,7 @@ async fn run(options: Options, args: &[String]) -> anyhow::Result<()> {
         "Topic `{topic}` with {} partitions; producer settings from {} (acks=all, idempotence \
          off, linger.ms {}); batched: {} events/round in POSTs of {} over {} connections, raw \
          producer window {} records; one event per POST: {} requests/round over {} keep-alive \
-         connections; each phase stops after its count or {} s, cycling through at most {POOL} \
+         connections{}; each phase stops after its count or {} s, cycling through at most {POOL} \
          distinct events; {} round(s), median shown, warm-up before each phase{}",
         config.kafka.partitions,
         options
@@ -564,6 +586,11 @@ async fn run(options: Options, args: &[String]) -> anyhow::Result<()> {
         raw_window,
         options.requests,
         options.concurrency,
+        if options.saturate > 0 {
+            format!(", and over {} (\"saturated\")", options.saturate)
+        } else {
+            String::new()
+        },
         options.max_phase.as_secs(),
         options.rounds,
         if options.quick { " (--quick)" } else { "" },
