@@ -90,7 +90,7 @@ async fn apply_migrations(config: &Config, wait: bool) -> anyhow::Result<Vec<u32
         match migrate::apply(&config.clickhouse, &migrations).await {
             Ok(applied) => return Ok(applied),
             Err(e) if wait && e.is_retryable() => {
-                tracing::warn!(error = %e, "clickhouse unavailable; waiting to apply migrations");
+                tracing::warn!(error = %e, "cannot apply migrations yet; waiting");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

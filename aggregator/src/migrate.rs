@@ -6,6 +6,15 @@
 //! `ALTER TABLE … ADD COLUMN` of one column whose column exists counts as done), so a run
 //! killed between a statement and its record finishes cleanly next time. Two runners at
 //! once are not coordinated; start-up runs them from one place.
+//!
+//! A migration that fills a table from rows already stored (an `INSERT … SELECT`, such as
+//! V11's backfill of `usage_daily` beside the view that keeps it current) is exact only if
+//! no aggregator flushes while it runs: a flush between the view's creation and the
+//! backfill would be counted by one and skipped by the other. Such a migration waits for
+//! [`QUIET_SECS`] without a flush in `aggregator_checkpoints`; until then `apply` refuses it
+//! with [`Error::WritersActive`] (retryable: services starting up wait, `migrate` commands
+//! say so and stop). An aggregator with nothing to flush writes no checkpoint, so this
+//! catches running pipelines, not idle ones: stop the aggregators before such an upgrade.
 
 use std::path::{Path, PathBuf};
 
@@ -25,14 +34,32 @@ pub enum Error {
         applied: String,
         current: String,
     },
+    #[error(
+        "migration V{version} ({name}) fills a table from stored rows and must run while no \
+         aggregator flushes, but one flushed {seconds_ago} s ago: stop every aggregator, then \
+         apply it ({QUIET_SECS} s after the last flush) with `tally-aggregator migrate`"
+    )]
+    WritersActive {
+        version: u32,
+        name: String,
+        seconds_ago: i64,
+    },
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] clickhouse::error::Error),
 }
 
+/// How long without an aggregator flush a backfilling migration waits for: ten flush
+/// intervals at the default.
+pub const QUIET_SECS: i64 = 10;
+
 impl Error {
-    /// ClickHouse being unreachable clears up by itself; a bad or edited file does not.
+    /// ClickHouse being unreachable and aggregators flushing clear up by themselves; a bad
+    /// or edited file does not.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::ClickHouse(clickhouse::error::Error::Network(_)))
+        matches!(
+            self,
+            Self::ClickHouse(clickhouse::error::Error::Network(_)) | Self::WritersActive { .. }
+        )
     }
 }
 
@@ -45,6 +72,18 @@ pub struct Migration {
     pub name: String,
     pub checksum: String,
     pub statements: Vec<String>,
+}
+
+impl Migration {
+    /// Whether it fills a table from rows already stored (an `INSERT` statement), and so
+    /// must run while no aggregator flushes (see the module's documentation).
+    pub fn fills_from_stored_rows(&self) -> bool {
+        self.statements.iter().any(|s| {
+            s.trim_start()
+                .get(..6)
+                .is_some_and(|w| w.eq_ignore_ascii_case("INSERT"))
+        })
+    }
 }
 
 /// Reads and orders every `V<n>__<name>.sql` in `dir`.
@@ -187,6 +226,15 @@ pub async fn apply(config: &ClickHouseConfig, migrations: &[Migration]) -> Resul
             }
             continue;
         }
+        if m.fills_from_stored_rows() {
+            if let Some(seconds_ago) = last_flush(&db).await? {
+                return Err(Error::WritersActive {
+                    version: m.version,
+                    name: m.name.clone(),
+                    seconds_ago,
+                });
+            }
+        }
         for statement in &m.statements {
             match db.query(statement).execute().await {
                 Ok(()) => {}
@@ -205,6 +253,22 @@ pub async fn apply(config: &ClickHouseConfig, migrations: &[Migration]) -> Resul
         done.push(m.version);
     }
     Ok(done)
+}
+
+/// Seconds since the last aggregator flush, if one was within [`QUIET_SECS`] (each flush
+/// writes a checkpoint row per partition it covers).
+async fn last_flush(db: &Client) -> Result<Option<i64>> {
+    let sql = format!(
+        "SELECT toUInt64(count()), toInt64(now()) - toInt64(max(flushed_at)) \
+         FROM aggregator_checkpoints WHERE flushed_at >= now() - {QUIET_SECS}"
+    );
+    match db.query(&sql).fetch_one::<(u64, i64)>().await {
+        Ok((0, _)) => Ok(None),
+        Ok((_, ago)) => Ok(Some(ago.max(0))),
+        // No checkpoint table: nothing has ever flushed into this database.
+        Err(e) if e.to_string().contains("doesn't exist") => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// ClickHouse 18.16 has no `ADD COLUMN IF NOT EXISTS`: an `ALTER TABLE … ADD COLUMN` (one
@@ -264,6 +328,27 @@ mod tests {
             split_statements(sql),
             ["CREATE TABLE a (x String)", "CREATE TABLE b\n(y String)"]
         );
+    }
+
+    #[test]
+    fn only_backfills_wait_for_quiet_aggregators() {
+        let all = load(&default_dir()).expect("schemas load");
+        let filling: Vec<u32> = all
+            .iter()
+            .filter(|m| m.fills_from_stored_rows())
+            .map(|m| m.version)
+            .collect();
+        // V11 fills usage_daily from rollups_hourly; every other migration only declares.
+        assert_eq!(filling, [11]);
+        let m = |sql: &str| Migration {
+            version: 1,
+            name: "x".into(),
+            checksum: String::new(),
+            statements: vec![sql.into()],
+        };
+        assert!(m("  insert into t SELECT 1").fills_from_stored_rows());
+        assert!(!m("CREATE TABLE t (x UInt8) ENGINE = Memory").fills_from_stored_rows());
+        assert!(!m("INS").fills_from_stored_rows());
     }
 
     #[test]

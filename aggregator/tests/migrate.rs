@@ -108,6 +108,103 @@ async fn a_new_migration_applies_on_top() {
 }
 
 #[tokio::test]
+async fn a_backfill_waits_until_no_aggregator_flushes() {
+    let c = config("quiet");
+    let mut all = migrate::load(&migrate::default_dir()).expect("load");
+    migrate::apply(&c, &all).await.expect("apply");
+    let db = migrate::client(&c);
+    let checkpoint = |seconds_ago: i64| {
+        format!(
+            "INSERT INTO aggregator_checkpoints (topic, kafka_partition, kafka_offset, flushed_at) \
+             VALUES ('usage-events', 0, 41, now() - {seconds_ago})"
+        )
+    };
+    // An aggregator flushed two seconds ago.
+    db.query(&checkpoint(2))
+        .execute()
+        .await
+        .expect("checkpoint");
+    let next = all.last().map(|m| m.version + 1).expect("some migration");
+    all.push(Migration {
+        version: next,
+        name: "fill".into(),
+        checksum: "3".repeat(64),
+        statements: vec![
+            "CREATE TABLE IF NOT EXISTS fill (x UInt8) ENGINE = MergeTree ORDER BY x".into(),
+            "INSERT INTO fill SELECT toUInt8(count()) FROM aggregator_checkpoints".into(),
+        ],
+    });
+    let e = migrate::apply(&c, &all)
+        .await
+        .expect_err("a flush within the quiet period");
+    match &e {
+        Error::WritersActive {
+            version,
+            name,
+            seconds_ago,
+        } => {
+            assert_eq!((*version, name.as_str()), (next, "fill"));
+            assert!((0..=migrate::QUIET_SECS).contains(seconds_ago), "{e}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(e.is_retryable(), "it clears once the aggregators stop");
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("V{next} (fill)")) && text.contains("stop every aggregator"),
+        "{text}"
+    );
+    // Nothing of it ran: not even its first statement.
+    let tables: u64 = db
+        .query("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = 'fill'")
+        .fetch_one()
+        .await
+        .expect("tables");
+    assert_eq!(tables, 0);
+
+    // A migration that only declares is not held back by the flush.
+    let mut declaring = all[..all.len() - 1].to_vec();
+    declaring.push(Migration {
+        version: next,
+        name: "declare".into(),
+        checksum: "4".repeat(64),
+        statements: vec!["CREATE TABLE IF NOT EXISTS declared (x UInt8) ENGINE = Memory".into()],
+    });
+    let quiet = config("quiet_declare");
+    migrate::apply(&quiet, &all[..all.len() - 1])
+        .await
+        .expect("apply");
+    migrate::client(&quiet)
+        .query(&checkpoint(1))
+        .execute()
+        .await
+        .expect("checkpoint");
+    assert_eq!(
+        migrate::apply(&quiet, &declaring).await.expect("declaring"),
+        [next]
+    );
+    drop_database(&quiet).await;
+
+    // Once the last flush is older than the quiet period, the backfill runs.
+    db.query("TRUNCATE TABLE aggregator_checkpoints")
+        .execute()
+        .await
+        .expect("truncate");
+    db.query(&checkpoint(migrate::QUIET_SECS + 5))
+        .execute()
+        .await
+        .expect("old checkpoint");
+    assert_eq!(migrate::apply(&c, &all).await.expect("quiet now"), [next]);
+    let filled: u8 = db
+        .query("SELECT x FROM fill")
+        .fetch_one()
+        .await
+        .expect("filled");
+    assert_eq!(filled, 1);
+    drop_database(&c).await;
+}
+
+#[tokio::test]
 async fn unreachable_clickhouse_is_a_retryable_error() {
     let mut c = config("down");
     c.url = "http://127.0.0.1:1".into();

@@ -99,7 +99,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
     while let Err(e) = tally_aggregator::migrate::apply(&config.clickhouse, &migrations).await {
         anyhow::ensure!(e.is_retryable(), "applying migrations: {e}");
-        tracing::warn!(error = %e, "clickhouse unavailable; waiting to apply migrations");
+        tracing::warn!(error = %e, "cannot apply migrations yet; waiting");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }

@@ -519,7 +519,7 @@ async fn serve(config: &Config, plans: Catalog) -> anyhow::Result<()> {
     let mut backoff = std::time::Duration::from_millis(200);
     while let Err(e) = tally_aggregator::migrate::apply(&config.clickhouse, &migrations).await {
         anyhow::ensure!(e.is_retryable(), "applying migrations: {e}");
-        tracing::warn!(error = %e, "clickhouse unavailable; waiting to apply migrations");
+        tracing::warn!(error = %e, "cannot apply migrations yet; waiting");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
     }
