@@ -219,7 +219,7 @@ impl Report {
         let _ = writeln!(t);
         let _ = writeln!(
             t,
-            "{:<34} {:<7} {:>22} {:>22} {:>6} {:>7} {:>6}",
+            "{:<44} {:<7} {:>22} {:>22} {:>6} {:>7} {:>6}",
             "figure (median of rounds)",
             "broker",
             "baseline",
@@ -231,7 +231,7 @@ impl Report {
         for c in &self.comparisons {
             let _ = writeln!(
                 t,
-                "{:<34} {:<7} {:>22} {:>22} {:>6.2} {:>7} {:>6}",
+                "{:<44} {:<7} {:>22} {:>22} {:>6.2} {:>7} {:>6}",
                 c.figure,
                 c.broker,
                 format!("{} {}", thousands(c.baseline_rate()), c.unit),
@@ -250,7 +250,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     t,
-                    "{:<34} {:<7} {:>22} {:>22}",
+                    "{:<44} {:<7} {:>22} {:>22}",
                     "  latency per request",
                     "",
                     lat(&c.baseline),
@@ -261,7 +261,7 @@ impl Report {
         for (broker, bytes) in &self.peak_rss {
             let _ = writeln!(
                 t,
-                "{:<34} {:<7} {:>22} {:>22} {:>6} {:>7} {:>6}",
+                "{:<44} {:<7} {:>22} {:>22} {:>6} {:>7} {:>6}",
                 "collector peak RSS (VmHWM)",
                 broker,
                 "",
