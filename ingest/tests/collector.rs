@@ -63,6 +63,33 @@ async fn single_batch_and_ndjson_events_land_in_the_topic_field_by_field() {
         (StatusCode::ACCEPTED, json!({"accepted": 2}))
     );
 
+    // The success path counts into the handles it looked up once. The recorder is shared by
+    // every test of this binary, so these are lower bounds.
+    let (_, _, metrics) = get(&format!("http://{}/metrics", collector.addr())).await;
+    for (series, at_least) in [
+        (
+            r#"tally_ingest_http_requests_total{route="/v1/events",status="202"}"#,
+            3.0,
+        ),
+        (
+            r#"tally_ingest_http_request_duration_seconds_count{route="/v1/events"}"#,
+            3.0,
+        ),
+        (
+            r#"tally_ingest_events_total{outcome="accepted",reason=""}"#,
+            23.0,
+        ),
+    ] {
+        let value = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{metrics}"));
+        assert!(
+            value >= at_least,
+            "{series} is {value}, expected >= {at_least}"
+        );
+    }
+
     let stored = read_topic(&brokers(), &topic).await;
     assert_eq!(stored.len(), 23, "exactly the accepted events");
     let by_id: HashMap<_, _> = stored.iter().map(|s| (s.record.id.as_str(), s)).collect();
