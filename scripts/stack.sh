@@ -43,7 +43,7 @@ for port in "$CH_HTTP_PORT" "$CH_TCP_PORT" "$CH_INTERSERVER_PORT" "$REDIS_PORT" 
 done
 
 SERVICES=(clickhouse redis kafka)
-APT_PACKAGES=(clickhouse-server clickhouse-client redis-server)
+APT_PACKAGES=(clickhouse-server clickhouse-client redis-server tzdata)
 
 say() { printf '%s\n' "$*"; }
 warn() { printf 'stack: %s\n' "$*" >&2; }

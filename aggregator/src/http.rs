@@ -92,7 +92,10 @@ impl Api {
         .await;
         metrics::histogram!(USAGE_DURATION).record(started.elapsed().as_secs_f64());
         match rows {
-            Ok(Ok(rows)) => json_reply(StatusCode::OK, &query::answer(&q, &rows)),
+            Ok(Ok(rows)) => match query::check(&q, &rows) {
+                Ok(()) => json_reply(StatusCode::OK, &query::answer(&q, &rows)),
+                Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+            },
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "usage query failed");
                 error(

@@ -2,7 +2,11 @@
 //! back to windows. Pure: the HTTP edge runs the statement.
 //!
 //! Days and months are summed from hours at query time, shifted by the requested offset,
-//! so any whole-hour time zone gets its own day and month boundaries. A query that needs
+//! so any whole-hour time zone gets its own day and month boundaries. A named zone
+//! (`tz=Europe/Berlin`) gets its own offsets, daylight saving included: ClickHouse computes
+//! each window's local start and end (a day across a clock change is 23 or 25 hours) and
+//! their offsets, and a zone whose window bounds are not whole UTC hours there (such as
+//! `Asia/Kolkata` for days) is refused, since usage is kept per UTC hour. A query that needs
 //! no hour and no dimension (days, months or one total in UTC, bounds on UTC midnights, no
 //! dimension grouped or filtered) reads `usage_daily` instead, the same states per UTC day
 //! (schema V11): a month is 30 rows per customer there, against up to 720 per dimension
@@ -35,6 +39,21 @@ fn bad(param: &str, reason: impl Into<String>) -> BadParam {
     }
 }
 
+/// The time zone of windows and of the bounds shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tz {
+    /// A fixed whole-hour offset: `UTC`, `+02:00`.
+    Offset(UtcOffset),
+    /// A zone of the system's time zone database, by its IANA name: `Europe/Berlin`.
+    Zone(String),
+}
+
+impl Tz {
+    fn is_utc(&self) -> bool {
+        matches!(self, Tz::Offset(o) if o.is_utc())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
     Hour,
@@ -50,7 +69,7 @@ pub struct UsageQuery {
     pub from: Option<OffsetDateTime>,
     pub to: Option<OffsetDateTime>,
     pub window: Option<Window>,
-    pub tz: UtcOffset,
+    pub tz: Tz,
     pub group_by_customer: bool,
     /// Dimension names to group by, with their 1-based position in `dim_values`.
     pub group_by: Vec<(String, usize)>,
@@ -63,7 +82,7 @@ pub struct UsageQuery {
 pub fn parse(pairs: &[(String, String)], catalog: &Catalog) -> Result<UsageQuery, BadParam> {
     let mut meter = None;
     let (mut customer, mut from, mut to, mut window) = (None, None, None, None);
-    let mut tz = UtcOffset::UTC;
+    let mut tz = Tz::Offset(UtcOffset::UTC);
     let mut group_by: Vec<String> = Vec::new();
     let mut raw_filters: Vec<(String, String)> = Vec::new();
     for (k, v) in pairs {
@@ -89,7 +108,7 @@ pub fn parse(pairs: &[(String, String)], catalog: &Catalog) -> Result<UsageQuery
                     _ => return Err(bad("window", "must be HOUR, DAY, MONTH or absent")),
                 }
             }
-            "tz" => tz = offset(v)?,
+            "tz" => tz = time_zone(v)?,
             "group_by" => {
                 group_by.extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_owned))
             }
@@ -171,6 +190,48 @@ fn instant(param: &str, v: &str) -> Result<OffsetDateTime, BadParam> {
     Ok(t)
 }
 
+/// `UTC`, a whole-hour offset, or the IANA name of a zone in the system's time zone
+/// database (`TZDIR`, else `/usr/share/zoneinfo`).
+fn time_zone(v: &str) -> Result<Tz, BadParam> {
+    if v.eq_ignore_ascii_case("utc") || v == "Z" || v.starts_with(['+', '-']) {
+        return offset(v).map(Tz::Offset);
+    }
+    zone_name(v).map_err(|reason| bad("tz", reason))?;
+    let dir = std::env::var_os("TZDIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/share/zoneinfo".into());
+    if !dir.is_dir() {
+        return Err(bad(
+            "tz",
+            format!(
+                "named time zones need the system time zone database ({} is missing); \
+                 use an offset such as +02:00",
+                dir.display()
+            ),
+        ));
+    }
+    if !dir.join(v).is_file() {
+        return Err(bad("tz", format!("unknown time zone {v:?}")));
+    }
+    Ok(Tz::Zone(v.to_owned()))
+}
+
+/// The shape of an IANA zone name (`Area/Location`, `Etc/GMT+5`, `UTC`): it is written into
+/// the statement as a literal, so only these characters pass.
+fn zone_name(v: &str) -> Result<(), String> {
+    let shape = "must be UTC, an offset such as +02:00, or a zone name such as Europe/Berlin";
+    let parts_ok = v.split('/').all(|part| {
+        part.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+'))
+    });
+    if v.is_empty() || v.len() > 64 || !parts_ok {
+        return Err(shape.to_owned());
+    }
+    Ok(())
+}
+
 fn offset(v: &str) -> Result<UtcOffset, BadParam> {
     if v.eq_ignore_ascii_case("utc") || v == "Z" {
         return Ok(UtcOffset::UTC);
@@ -222,19 +283,29 @@ pub enum Bind {
 /// (Int64, unix seconds), `c` (customer or ''), `d` (Array(String) of grouped dimensions), `value`
 /// (Decimal(38, 9)).
 pub fn sql(q: &UsageQuery, tenant: &str) -> Sql {
-    let off = q.tz.whole_seconds();
     let (table, time) = if by_day(q) {
         ("usage_daily", "day")
     } else {
         ("rollups_hourly", "hour")
     };
-    let window = match q.window {
-        Some(Window::Hour) => format!("toInt64({time})"),
-        Some(Window::Day) => format!("toInt64(toStartOfDay({time} + ({off}))) - ({off})"),
-        Some(Window::Month) => {
-            format!("toInt64(toDateTime(toStartOfMonth({time} + ({off})), 'UTC')) - ({off})")
+    let (window, bounds) = match &q.tz {
+        Tz::Offset(o) => {
+            let off = o.whole_seconds();
+            let window = match q.window {
+                Some(Window::Hour) => format!("toInt64({time})"),
+                Some(Window::Day) => format!("toInt64(toStartOfDay({time} + ({off}))) - ({off})"),
+                Some(Window::Month) => format!(
+                    "toInt64(toDateTime(toStartOfMonth({time} + ({off})), 'UTC')) - ({off})"
+                ),
+                None => "toInt64(0)".to_owned(),
+            };
+            // A fixed offset's ends and offsets are computed by `answer`.
+            let bounds = "toInt64(0) AS window_end, toInt64(0) AS start_offset, \
+                          toInt64(0) AS end_offset"
+                .to_owned();
+            (window, bounds)
         }
-        None => "toInt64(0)".to_owned(),
+        Tz::Zone(zone) => zone_sql(q, time, zone),
     };
     let customer = if q.group_by_customer {
         "customer"
@@ -274,12 +345,55 @@ pub fn sql(q: &UsageQuery, tenant: &str) -> Sql {
         binds.extend(values.iter().cloned().map(Bind::Str));
     }
     let text = format!(
-        "SELECT {window} AS window_start, {customer} AS c, {dims} AS d, {value} AS value \
-         FROM {table} WHERE {where_} GROUP BY window_start, c, d ORDER BY window_start, c, d",
+        "SELECT {window} AS window_start, {customer} AS c, {dims} AS d, {value} AS value, \
+         {bounds} FROM {table} WHERE {where_} GROUP BY window_start, c, d \
+         ORDER BY window_start, c, d",
         value = merge_expr(q.meter.aggregation),
         where_ = conditions.join(" AND "),
     );
     Sql { text, binds }
+}
+
+/// A named zone's window start, then its end and both offsets (seconds east of UTC, as
+/// the zone had them at those instants), all computed by ClickHouse from its own zone data.
+/// A day's end is the start of the day 26 hours on, so 23- and 25-hour days end right.
+fn zone_sql(q: &UsageQuery, time: &str, zone: &str) -> (String, String) {
+    // Checked by `zone_name`: letters, digits, `_+-/` only, so safe as a literal.
+    let z = format!("'{zone}'");
+    let offset_at =
+        |t: &str| format!("toInt64(toDateTime(toString(toDateTime({t}, {z})), 'UTC')) - ({t})");
+    let window = match q.window {
+        Some(Window::Hour) => format!("toInt64({time})"),
+        Some(Window::Day) => format!("toInt64(toStartOfDay({time}, {z}))"),
+        Some(Window::Month) => format!("toInt64(toDateTime(toStartOfMonth({time}, {z}), {z}))"),
+        None => "toInt64(0)".to_owned(),
+    };
+    let end = match q.window {
+        Some(Window::Hour) => "window_start + 3600".to_owned(),
+        Some(Window::Day) => {
+            format!("toInt64(toStartOfDay(toDateTime(window_start + 93600, {z})))")
+        }
+        Some(Window::Month) => format!(
+            "toInt64(toDateTime(addMonths(toStartOfMonth(toDateTime(window_start, {z})), 1), {z}))"
+        ),
+        None => "toInt64(0)".to_owned(),
+    };
+    let (start_offset, end_offset) = match q.window {
+        Some(_) => (offset_at("window_start"), offset_at("window_end")),
+        // One total: the offsets at the requested bounds, if any.
+        None => {
+            let at = |t: Option<OffsetDateTime>| {
+                t.map_or("toInt64(0)".to_owned(), |t| {
+                    offset_at(&t.unix_timestamp().to_string())
+                })
+            };
+            (at(q.from), at(q.to))
+        }
+    };
+    (
+        window,
+        format!("{end} AS window_end, {start_offset} AS start_offset, {end_offset} AS end_offset"),
+    )
 }
 
 /// Whether `q` can be answered from `usage_daily`: UTC days, months or one total, bounds
@@ -289,7 +403,7 @@ fn by_day(q: &UsageQuery) -> bool {
         t.is_none_or(|t| t.unix_timestamp() % 86_400 == 0 && t.nanosecond() == 0)
     };
     q.window != Some(Window::Hour)
-        && q.tz.whole_seconds() == 0
+        && q.tz.is_utc()
         && q.group_by.is_empty()
         && q.filters.is_empty()
         && midnight(q.from)
@@ -303,36 +417,51 @@ pub struct UsageRow {
     pub c: String,
     pub d: Vec<String>,
     pub value: i128,
+    /// For a named zone (0 otherwise): the window's end, and the zone's offset in seconds
+    /// at its start and at its end (for a total: at `from` and at `to`).
+    pub window_end: i64,
+    pub start_offset: i64,
+    pub end_offset: i64,
+}
+
+/// Refuses an answer whose day or month bounds in a named zone fall inside a UTC hour
+/// (an offset such as +05:30): the hours they would split are kept whole.
+pub fn check(q: &UsageQuery, rows: &[UsageRow]) -> Result<(), BadParam> {
+    let (Tz::Zone(zone), Some(Window::Day | Window::Month)) = (&q.tz, q.window) else {
+        return Ok(());
+    };
+    match rows
+        .iter()
+        .flat_map(|r| [r.start_offset, r.end_offset])
+        .find(|o| o % 3600 != 0)
+    {
+        Some(o) => Err(bad(
+            "tz",
+            format!(
+                "{zone} is {} from UTC in this range; days and months need whole-hour \
+                 offsets, as usage is kept per UTC hour (HOUR windows work)",
+                hm(o)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `+05:30` for 19,800 seconds.
+fn hm(seconds: i64) -> String {
+    let sign = if seconds < 0 { '-' } else { '+' };
+    let s = seconds.abs();
+    format!("{sign}{:02}:{:02}", s / 3600, s % 3600 / 60)
 }
 
 /// The JSON answer: one entry per window (and group), values as exact decimal strings.
 pub fn answer(q: &UsageQuery, rows: &[UsageRow]) -> Value {
-    let fmt = |t: OffsetDateTime| t.to_offset(q.tz).format(&Rfc3339).unwrap_or_default();
     let data: Vec<Value> = rows
         .iter()
         .map(|r| {
-            let (start, end) = match q.window {
-                None => (q.from.map(fmt), q.to.map(fmt)),
-                Some(w) => {
-                    let start = OffsetDateTime::from_unix_timestamp(r.window_start)
-                        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-                    let local = start.to_offset(q.tz);
-                    let end = match w {
-                        Window::Hour => start + time::Duration::HOUR,
-                        Window::Day => start + time::Duration::DAY,
-                        Window::Month => {
-                            let (y, m) = match local.month() {
-                                time::Month::December => (local.year() + 1, time::Month::January),
-                                m => (local.year(), m.next()),
-                            };
-                            local
-                                .replace_year(y)
-                                .and_then(|l| l.replace_month(m))
-                                .unwrap_or(local)
-                        }
-                    };
-                    (Some(fmt(start)), Some(fmt(end)))
-                }
+            let (start, end) = match &q.tz {
+                Tz::Offset(o) => fixed_bounds(q, *o, r),
+                Tz::Zone(_) => zone_bounds(q, r),
             };
             let value = Quantity::from_nanos(r.value)
                 .unwrap_or_default()
@@ -353,13 +482,66 @@ pub fn answer(q: &UsageQuery, rows: &[UsageRow]) -> Value {
             entry
         })
         .collect();
+    let tz = match &q.tz {
+        Tz::Offset(o) => hm(i64::from(o.whole_seconds())),
+        Tz::Zone(z) => z.clone(),
+    };
     json!({
         "meter": q.meter.key,
         "aggregation": q.meter.aggregation.name(),
         "window": q.window.map(|w| format!("{w:?}").to_uppercase()),
-        "tz": format!("{}{:02}:00", if q.tz.is_negative() { '-' } else { '+' }, q.tz.whole_hours().abs()),
+        "tz": tz,
         "data": data,
     })
+}
+
+fn rfc3339(t: OffsetDateTime, offset_seconds: i64) -> Option<String> {
+    let offset = i32::try_from(offset_seconds)
+        .ok()
+        .and_then(|s| UtcOffset::from_whole_seconds(s).ok())
+        .unwrap_or(UtcOffset::UTC);
+    t.to_offset(offset).format(&Rfc3339).ok()
+}
+
+/// A named zone's window (or the requested bounds of a total), as ClickHouse computed them.
+fn zone_bounds(q: &UsageQuery, r: &UsageRow) -> (Option<String>, Option<String>) {
+    let at = |t: i64| OffsetDateTime::from_unix_timestamp(t).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    match q.window {
+        None => (
+            q.from.and_then(|t| rfc3339(t, r.start_offset)),
+            q.to.and_then(|t| rfc3339(t, r.end_offset)),
+        ),
+        Some(_) => (
+            rfc3339(at(r.window_start), r.start_offset),
+            rfc3339(at(r.window_end), r.end_offset),
+        ),
+    }
+}
+
+/// A fixed offset's window: an hour, a day, or a month of that offset's calendar.
+fn fixed_bounds(q: &UsageQuery, tz: UtcOffset, r: &UsageRow) -> (Option<String>, Option<String>) {
+    let fmt = |t: OffsetDateTime| t.to_offset(tz).format(&Rfc3339).unwrap_or_default();
+    let Some(w) = q.window else {
+        return (q.from.map(fmt), q.to.map(fmt));
+    };
+    let start =
+        OffsetDateTime::from_unix_timestamp(r.window_start).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let local = start.to_offset(tz);
+    let end = match w {
+        Window::Hour => start + time::Duration::HOUR,
+        Window::Day => start + time::Duration::DAY,
+        Window::Month => {
+            let (y, m) = match local.month() {
+                time::Month::December => (local.year() + 1, time::Month::January),
+                m => (local.year(), m.next()),
+            };
+            local
+                .replace_year(y)
+                .and_then(|l| l.replace_month(m))
+                .unwrap_or(local)
+        }
+    };
+    (Some(fmt(start)), Some(fmt(end)))
 }
 
 #[cfg(test)]

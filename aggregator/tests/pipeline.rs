@@ -72,9 +72,31 @@ fn stream(seed: u64, n: usize, prefix: &str) -> Vec<Ev> {
     out
 }
 
+/// The start of the day holding `t` at a fixed offset (seconds east of UTC).
+fn fixed(off: i64) -> impl Fn(i64) -> i64 {
+    move |t| (t + off).div_euclid(86_400) * 86_400 - off
+}
+
+/// The start of the day holding `t` in Europe/Berlin, written out for the events' dates:
+/// CET (+01:00) until 2026-03-29T01:00:00Z, CEST (+02:00) after, so March 29 has 23 hours.
+fn berlin_day(t: i64) -> i64 {
+    const SWITCH: i64 = 1_774_746_000;
+    let off = if t < SWITCH { 3600 } else { 7200 };
+    let local_midnight = (t + off).div_euclid(86_400) * 86_400;
+    if local_midnight - 3600 < SWITCH {
+        local_midnight - 3600
+    } else {
+        local_midnight - 7200
+    }
+}
+
 /// What the usage API must answer for `meter`, per (window start, customer, dimension),
-/// computed here from the events alone.
-fn expected(events: &[Ev], meter: &str, off: i64) -> BTreeMap<(i64, String, String), String> {
+/// computed here from the events alone; `day_of` gives the start of an instant's day.
+fn expected(
+    events: &[Ev],
+    meter: &str,
+    day_of: impl Fn(i64) -> i64,
+) -> BTreeMap<(i64, String, String), String> {
     let mut seen = BTreeSet::new();
     type Window = (i64, String, String);
     let mut acc: BTreeMap<Window, Vec<(i64, Quantity, String)>> = BTreeMap::new();
@@ -94,7 +116,7 @@ fn expected(events: &[Ev], meter: &str, off: i64) -> BTreeMap<(i64, String, Stri
             continue;
         }
         let t = e.time.unix_timestamp();
-        let day = (t + off).div_euclid(86_400) * 86_400 - off;
+        let day = day_of(t);
         let dim = dim
             .map(|d| e.data[d].as_str().expect("dim").to_owned())
             .unwrap_or_default();
@@ -182,13 +204,20 @@ async fn golden_totals_per_aggregation_dimension_and_time_zone() {
         ("active_users", None),
     ];
     for (meter, dim) in meters {
-        for (tz, off) in [("UTC", 0i64), ("%2B02:00", 7200), ("-05:00", -18_000)] {
+        let zones: [(&str, &dyn Fn(i64) -> i64); 4] = [
+            ("UTC", &fixed(0)),
+            ("%2B02:00", &fixed(7200)),
+            ("-05:00", &fixed(-18_000)),
+            // A named zone across its spring clock change.
+            ("Europe/Berlin", &berlin_day),
+        ];
+        for (tz, day_of) in zones {
             let group = dim.map_or("customer".to_owned(), |d| format!("customer,{d}"));
             let params = format!(
                 "meter={meter}&window=DAY&tz={tz}&group_by={group}&from=2026-03-27T00:00:00Z&to=2026-04-02T00:00:00Z"
             );
             let got = from_api(&instance.usage(&params).await);
-            let want = expected(&events, meter, off);
+            let want = expected(&events, meter, day_of);
             assert!(!want.is_empty());
             assert_eq!(got, want, "{meter} by day in {tz}");
         }
@@ -201,7 +230,7 @@ async fn golden_totals_per_aggregation_dimension_and_time_zone() {
         );
         let got = from_api(&instance.usage(&params).await);
         let mut want: BTreeMap<(i64, String, String), Quantity> = BTreeMap::new();
-        for ((day, customer, _), v) in expected(&events, meter, 0) {
+        for ((day, customer, _), v) in expected(&events, meter, fixed(0)) {
             let sum = want.entry((day, customer, String::new())).or_default();
             *sum = sum.checked_add(v.parse().expect("q")).expect("sum");
         }
@@ -209,6 +238,44 @@ async fn golden_totals_per_aggregation_dimension_and_time_zone() {
         assert!(!want.is_empty());
         assert_eq!(got, want, "{meter} by UTC day, dimensions summed");
     }
+    // Berlin's March 29 is 23 hours, shown at the offset in force at each end.
+    let berlin = instance
+        .usage("meter=requests&window=DAY&tz=Europe/Berlin&from=2026-03-28T23:00:00Z&to=2026-03-30T22:00:00Z")
+        .await;
+    let bounds: Vec<(&str, &str)> = berlin["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|r| {
+            (
+                r["start"].as_str().expect("start"),
+                r["end"].as_str().expect("end"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        bounds,
+        [
+            ("2026-03-29T00:00:00+01:00", "2026-03-30T00:00:00+02:00"),
+            ("2026-03-30T00:00:00+02:00", "2026-03-31T00:00:00+02:00")
+        ]
+    );
+    assert_eq!(berlin["tz"], "Europe/Berlin");
+    // Days in a zone whose offset splits UTC hours are refused, naming the parameter.
+    let (status, body) = get_with_key(
+        &format!(
+            "http://{}/v1/usage?meter=requests&window=DAY&tz=Asia/Kolkata",
+            instance.addr
+        ),
+        Some("demo-key"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("tz: Asia/Kolkata is +05:30 from UTC"),
+        "{body}"
+    );
+
     // Hours sum to the same totals as the one-window answer, and filters select.
     let hourly = instance
         .usage("meter=tokens&window=HOUR&customer=c1&filter%5Bmodel%5D=m1")
@@ -229,7 +296,7 @@ async fn golden_totals_per_aggregation_dimension_and_time_zone() {
         total["data"][0]["value"].as_str().expect("v"),
         hourly_sum.to_string()
     );
-    let want: Quantity = expected(&events, "tokens", 0)
+    let want: Quantity = expected(&events, "tokens", fixed(0))
         .iter()
         .filter(|((_, c, d), _)| c == "c1" && d == "m1")
         .fold(Quantity::ZERO, |s, (_, v)| {

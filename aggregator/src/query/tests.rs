@@ -15,6 +15,18 @@ fn q(pairs: &[(&str, &str)]) -> Result<UsageQuery, BadParam> {
     parse(&pairs, &catalog())
 }
 
+fn row() -> UsageRow {
+    UsageRow {
+        window_start: 0,
+        c: String::new(),
+        d: vec![],
+        value: 0,
+        window_end: 0,
+        start_offset: 0,
+        end_offset: 0,
+    }
+}
+
 fn err(pairs: &[(&str, &str)]) -> String {
     q(pairs).expect_err("refused").to_string()
 }
@@ -49,6 +61,10 @@ fn bad_parameters_are_named() {
     );
     assert_eq!(
         err(&[("meter", "tokens"), ("tz", "Mars/Olympus")]),
+        "tz: unknown time zone \"Mars/Olympus\""
+    );
+    assert_eq!(
+        err(&[("meter", "tokens"), ("tz", "+2x")]),
         "tz: must be UTC or an offset such as +02:00"
     );
     assert_eq!(
@@ -171,6 +187,7 @@ fn answers_use_the_requested_offset_and_exact_values() {
         c: String::new(),
         d: vec!["m".into()],
         value: 1_500_000_001,
+        ..row()
     }];
     let a = answer(&query, &rows);
     assert_eq!(a["tz"], "-05:00");
@@ -192,6 +209,7 @@ fn answers_use_the_requested_offset_and_exact_values() {
             c: String::new(),
             d: vec![],
             value: 3_000_000_000,
+            ..row()
         }],
     );
     assert_eq!(
@@ -199,4 +217,164 @@ fn answers_use_the_requested_offset_and_exact_values() {
         json!({"start": "2026-11-01T00:00:00Z", "end": "2026-11-02T00:00:00Z", "value": "3"})
     );
     assert_eq!(a["aggregation"], "COUNT");
+}
+
+#[test]
+fn zone_names_are_checked_for_shape_before_use() {
+    for ok in [
+        "Europe/Berlin",
+        "America/Argentina/Buenos_Aires",
+        "Etc/GMT+5",
+        "UTC",
+        "EST5EDT",
+    ] {
+        assert_eq!(zone_name(ok), Ok(()), "{ok}");
+    }
+    for bad in [
+        "",
+        "Europe/",
+        "/etc/passwd",
+        "Europe/../../etc/passwd",
+        "Europe/Berlin'",
+        "Europe/Ber lin",
+        "5Europe/Berlin",
+        &"A".repeat(65),
+    ] {
+        assert!(zone_name(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn named_zones_are_looked_up_and_refused_by_name() {
+    // The system's zone database is there wherever ClickHouse is (`make test` installs
+    // tzdata with it).
+    let berlin = q(&[
+        ("meter", "tokens"),
+        ("window", "DAY"),
+        ("tz", "Europe/Berlin"),
+    ])
+    .expect("a zone of the database");
+    assert_eq!(berlin.tz, Tz::Zone("Europe/Berlin".into()));
+    assert_eq!(
+        err(&[("meter", "tokens"), ("tz", "Mars/Olympus_Mons")]),
+        "tz: unknown time zone \"Mars/Olympus_Mons\""
+    );
+    assert!(
+        err(&[("meter", "tokens"), ("tz", "Europe/../../etc/passwd")])
+            .starts_with("tz: must be UTC, an offset such as +02:00, or a zone name"),
+    );
+    assert_eq!(
+        q(&[("meter", "tokens"), ("tz", "utc")]).expect("utc").tz,
+        Tz::Offset(UtcOffset::UTC)
+    );
+}
+
+#[test]
+fn a_named_zone_groups_by_its_own_days_and_reads_the_hours() {
+    let query = q(&[
+        ("meter", "tokens"),
+        ("window", "DAY"),
+        ("tz", "Europe/Berlin"),
+        ("from", "2026-03-28T23:00:00Z"),
+        ("to", "2026-03-30T22:00:00Z"),
+    ])
+    .expect("valid");
+    let s = sql(&query, "demo");
+    assert!(
+        s.text.starts_with(
+            "SELECT toInt64(toStartOfDay(hour, 'Europe/Berlin')) AS window_start, '' AS c"
+        ),
+        "{}",
+        s.text
+    );
+    assert!(s.text.contains("FROM rollups_hourly"), "{}", s.text);
+    assert!(
+        s.text.contains(
+            "toInt64(toStartOfDay(toDateTime(window_start + 93600, 'Europe/Berlin'))) AS window_end"
+        ),
+        "{}",
+        s.text
+    );
+    // Even on UTC midnights a zone's days are not the daily rollups' UTC days.
+    let month = q(&[("meter", "tokens"), ("window", "MONTH"), ("tz", "Etc/UTC")]).expect("valid");
+    assert!(sql(&month, "demo").text.contains("FROM rollups_hourly"));
+}
+
+#[test]
+fn a_named_zone_shows_each_bound_at_its_own_offset() {
+    let query = q(&[
+        ("meter", "requests"),
+        ("window", "DAY"),
+        ("tz", "Europe/Berlin"),
+    ])
+    .expect("valid");
+    // March 29, 2026 in Berlin: 23 hours, from CET into CEST.
+    let rows = [UsageRow {
+        window_start: 1_774_738_800,
+        value: 5_000_000_000,
+        window_end: 1_774_821_600,
+        start_offset: 3600,
+        end_offset: 7200,
+        ..row()
+    }];
+    assert_eq!(check(&query, &rows), Ok(()));
+    let a = answer(&query, &rows);
+    assert_eq!(a["tz"], "Europe/Berlin");
+    assert_eq!(
+        a["data"][0],
+        json!({"start": "2026-03-29T00:00:00+01:00", "end": "2026-03-30T00:00:00+02:00", "value": "5"})
+    );
+    // A total shows the requested bounds at the offsets ClickHouse found for them.
+    let total = q(&[
+        ("meter", "requests"),
+        ("tz", "Europe/Berlin"),
+        ("from", "2026-03-28T23:00:00Z"),
+        ("to", "2026-03-29T22:00:00Z"),
+    ])
+    .expect("valid");
+    let t = answer(
+        &total,
+        &[UsageRow {
+            value: 1_000_000_000,
+            start_offset: 3600,
+            end_offset: 7200,
+            ..row()
+        }],
+    );
+    assert_eq!(
+        (&t["data"][0]["start"], &t["data"][0]["end"]),
+        (
+            &json!("2026-03-29T00:00:00+01:00"),
+            &json!("2026-03-30T00:00:00+02:00")
+        )
+    );
+}
+
+#[test]
+fn days_in_a_zone_off_the_whole_hour_are_refused_hours_are_not() {
+    let rows = [UsageRow {
+        start_offset: 19_800,
+        end_offset: 19_800,
+        ..row()
+    }];
+    let day = q(&[
+        ("meter", "requests"),
+        ("window", "DAY"),
+        ("tz", "Asia/Kolkata"),
+    ])
+    .expect("valid");
+    let e = check(&day, &rows).expect_err("+05:30 splits UTC hours");
+    assert_eq!(e.param, "tz");
+    assert!(
+        e.reason.starts_with("Asia/Kolkata is +05:30 from UTC"),
+        "{e}"
+    );
+    let hour = q(&[
+        ("meter", "requests"),
+        ("window", "HOUR"),
+        ("tz", "Asia/Kolkata"),
+    ])
+    .expect("valid");
+    assert_eq!(check(&hour, &rows), Ok(()));
+    assert_eq!(hm(-12_600), "-03:30");
 }
