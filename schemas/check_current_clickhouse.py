@@ -1,9 +1,13 @@
 """Runs every ClickHouse migration through chdb (the current ClickHouse engine, in process),
 so the SQL is proven on today's ClickHouse as well as on the local 18.16 server.
 
-usage: python check_current_clickhouse.py SCHEMAS_DIR
+usage: python check_current_clickhouse.py SCHEMAS_DIR [QUERIES_JSON]
 Prints one line per statement; exits non-zero naming the file and statement that failed.
+QUERIES_JSON, if given, is a list of {"name": ..., "sql": ...} run in order after the
+migrations (the tests write the services' own statements there); each query's rows are
+printed as tab-separated lines after a line "result NAME".
 """
+import json
 import pathlib
 import re
 import sys
@@ -78,6 +82,16 @@ def main():
         if n != "1":
             sys.exit(f"events_raw round trip returned {n!r}")
         print(f"ok {len(files)} migration file(s) on ClickHouse {version}")
+        if len(sys.argv) > 2:
+            queries = json.loads(pathlib.Path(sys.argv[2]).read_text())
+            for q in queries:
+                try:
+                    rows = s.query(q["sql"], "TSV").data()
+                except Exception as e:  # noqa: BLE001 - report any engine error
+                    sys.exit(f"query {q['name']} failed: {e}\n{q['sql']}")
+                print(f"result {q['name']}")
+                print(rows, end="")
+            print(f"ok {len(queries)} query(ies) on ClickHouse {version}")
 
 
 if __name__ == "__main__":

@@ -279,6 +279,31 @@ pub enum Bind {
     Int(i64),
 }
 
+impl Sql {
+    /// The statement with its parameters written in as literals (strings quoted and
+    /// escaped), for a client without parameter binding.
+    pub fn inlined(&self) -> String {
+        let mut out = String::with_capacity(self.text.len() + 64);
+        let mut binds = self.binds.iter();
+        for c in self.text.chars() {
+            if c != '?' {
+                out.push(c);
+                continue;
+            }
+            match binds.next() {
+                Some(Bind::Str(s)) => {
+                    out.push('\'');
+                    out.push_str(&s.replace('\\', "\\\\").replace('\'', "\\'"));
+                    out.push('\'');
+                }
+                Some(Bind::Int(i)) => out.push_str(&i.to_string()),
+                None => out.push(c),
+            }
+        }
+        out
+    }
+}
+
 /// Builds the statement for `q` over `tenant`'s rollups. Columns: `window_start`
 /// (Int64, unix seconds), `c` (customer or ''), `d` (Array(String) of grouped dimensions), `value`
 /// (Decimal(38, 9)).

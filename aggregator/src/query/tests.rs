@@ -378,3 +378,19 @@ fn days_in_a_zone_off_the_whole_hour_are_refused_hours_are_not() {
     assert_eq!(check(&hour, &rows), Ok(()));
     assert_eq!(hm(-12_600), "-03:30");
 }
+
+#[test]
+fn inlined_statements_fill_binds_in_order_and_escape_strings() {
+    let s = Sql {
+        text: "a = ? AND b >= toDateTime(?, 'UTC') AND c = ?".into(),
+        binds: vec![
+            Bind::Str("x'y\\z".into()),
+            Bind::Int(7),
+            Bind::Str("?".into()),
+        ],
+    };
+    assert_eq!(
+        s.inlined(),
+        r"a = 'x\'y\\z' AND b >= toDateTime(7, 'UTC') AND c = '?'"
+    );
+}

@@ -9,13 +9,13 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use http::StatusCode;
 use serde_json::Value;
-use tally_aggregator::query::{self, Bind};
+use tally_aggregator::query;
 use tally_core::Config;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::agg::aggregator::{AggregatorProcess, Target};
-use crate::agg::ch::{quote, url_encode, ClickHouse, Http};
+use crate::agg::ch::{url_encode, ClickHouse, Http};
 use crate::agg::drain::{produce_all, Topic, PROBE_EVERY};
 use crate::agg::records;
 use crate::agg::report::QueryLatency;
@@ -33,24 +33,6 @@ pub struct Setup<'a> {
     pub database: &'a str,
     pub run: &'a str,
     pub max_phase: Duration,
-}
-
-/// `text` with its `?` parameters filled in as the clickhouse crate fills them.
-fn bind(text: &str, binds: &[Bind]) -> String {
-    let mut out = String::with_capacity(text.len() + 64);
-    let mut binds = binds.iter();
-    for c in text.chars() {
-        if c == '?' {
-            match binds.next() {
-                Some(Bind::Str(s)) => out.push_str(&quote(s)),
-                Some(Bind::Int(i)) => out.push_str(&i.to_string()),
-                None => out.push(c),
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 async fn timed<F, Fut>(f: F) -> anyhow::Result<f64>
@@ -135,7 +117,7 @@ async fn time_queries(
     let q = query::parse(&pairs, &s.config.catalog())
         .map_err(|e| anyhow::anyhow!("the bench's usage query is invalid: {e}"))?;
     let sql = query::sql(&q, "demo");
-    let direct_sql = format!("{} FORMAT RowBinary", bind(&sql.text, &sql.binds));
+    let direct_sql = format!("{} FORMAT RowBinary", sql.inlined());
     let direct_url = format!("{}/?database={}", s.ch.url, url_encode(s.database));
 
     let http = Http::new();
@@ -172,18 +154,4 @@ async fn time_queries(
     result.api_ms.sort_by(f64::total_cmp);
     result.direct_ms.sort_by(f64::total_cmp);
     Ok(result)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn binds_fill_in_order() {
-        let text = bind(
-            "a = ? AND b >= toDateTime(?, 'UTC')",
-            &[Bind::Str("x'y".into()), Bind::Int(7)],
-        );
-        assert_eq!(text, "a = 'x\\'y' AND b >= toDateTime(7, 'UTC')");
-    }
 }
