@@ -184,18 +184,8 @@ impl UsageReader {
         meters: &[&str],
         requests: &[UsageRequest],
     ) -> Result<UsageTable, UsageError> {
-        let meters: Vec<&Meter> = meters
-            .iter()
-            .map(|k| {
-                self.meters
-                    .meter(k)
-                    .ok_or_else(|| UsageError::UnknownMeter((*k).to_owned()))
-            })
-            .collect::<Result<_, _>>()?;
-        let (aligned, raw): (Vec<&UsageRequest>, Vec<&UsageRequest>) =
-            requests.iter().partition(|r| r.aligned());
-        let (days, hours): (Vec<&UsageRequest>, Vec<&UsageRequest>) =
-            aligned.into_iter().partition(|r| r.on_whole(DAY.seconds));
+        let meters = self.meters_of(meters)?;
+        let (days, hours, raw) = split(requests);
         let mut table = UsageTable::new();
         // The statements carry their values as quoted literals, so they go through
         // query_raw: query() would take a `?` inside a customer name for a bind.
@@ -246,6 +236,55 @@ impl UsageReader {
 }
 
 impl UsageReader {
+    fn meters_of(&self, keys: &[&str]) -> Result<Vec<&Meter>, UsageError> {
+        keys.iter()
+            .map(|k| {
+                self.meters
+                    .meter(k)
+                    .ok_or_else(|| UsageError::UnknownMeter((*k).to_owned()))
+            })
+            .collect()
+    }
+
+    /// The statements [`read`](Self::read) sends for `requests`, in order, with each batch
+    /// table's rows written in as literals: the same SQL, to run elsewhere (the tests run it
+    /// on current ClickHouse as well as on 18.16).
+    pub fn statements(
+        &self,
+        tenant: &str,
+        meters: &[&str],
+        requests: &[UsageRequest],
+    ) -> Result<Vec<String>, UsageError> {
+        let meters = self.meters_of(meters)?;
+        let (days, hours, raw) = split(requests);
+        let mut out = Vec::new();
+        for (grain, requests) in [(DAY, &days), (HOUR, &hours)] {
+            let Some(q) = rollup_sql(tenant, &meters, requests, grain)? else {
+                continue;
+            };
+            let rows: Vec<String> = requests
+                .iter()
+                .zip(&q.group_of)
+                .map(|(r, &g)| {
+                    let mut row = String::from("(");
+                    quote(&mut row, &r.customer);
+                    let b: Vec<String> = q.groups[g as usize].iter().map(u32::to_string).collect();
+                    row.push_str(&format!(", {g}, [{}])", b.join(", ")));
+                    row
+                })
+                .collect();
+            out.push(CREATE_BATCH_TABLE.to_owned());
+            out.push(format!(
+                "INSERT INTO {BATCH_TABLE} VALUES {}",
+                rows.join(", ")
+            ));
+            out.push(q.sql);
+            out.push(format!("DROP TEMPORARY TABLE IF EXISTS {BATCH_TABLE}"));
+        }
+        out.extend(raw_sql(tenant, &meters, &raw)?);
+        Ok(out)
+    }
+
     /// Runs the rollups query in a session of its own, whose temporary table holds the
     /// batch's customers and the index of their bounds.
     async fn rollups(
@@ -259,13 +298,7 @@ impl UsageReader {
             SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
         let client = self.client.clone().with_setting("session_id", session);
-        client
-            .query_raw(&format!(
-                "CREATE TEMPORARY TABLE {BATCH_TABLE} \
-                 (customer String, bounds UInt32, b Array(UInt32))"
-            ))
-            .execute()
-            .await?;
+        client.query_raw(CREATE_BATCH_TABLE).execute().await?;
         let result = async {
             let mut insert = client.insert::<BatchRow<'_>>(BATCH_TABLE).await?;
             for (r, &bounds) in requests.iter().zip(&q.group_of) {
@@ -326,6 +359,20 @@ pub(crate) fn string_list(items: impl IntoIterator<Item = impl AsRef<str>>) -> S
 
 /// The session table holding a batch's customers.
 const BATCH_TABLE: &str = "usage_batch";
+const CREATE_BATCH_TABLE: &str =
+    "CREATE TEMPORARY TABLE usage_batch (customer String, bounds UInt32, b Array(UInt32))";
+
+/// Requests whose bounds are all on UTC midnights (read by the day), the other ones on
+/// whole hours (by the hour), and the rest (from raw events).
+fn split(
+    requests: &[UsageRequest],
+) -> (Vec<&UsageRequest>, Vec<&UsageRequest>, Vec<&UsageRequest>) {
+    let (aligned, raw): (Vec<&UsageRequest>, Vec<&UsageRequest>) =
+        requests.iter().partition(|r| r.aligned());
+    let (days, hours): (Vec<&UsageRequest>, Vec<&UsageRequest>) =
+        aligned.into_iter().partition(|r| r.on_whole(DAY.seconds));
+    (days, hours, raw)
+}
 
 /// The rollups statement of a batch, and each request's bounds group (in request order).
 #[derive(Debug)]
@@ -465,7 +512,9 @@ fn rollup_sql(
         select(
             "b",
             "length(b)",
-            &format!("ANY INNER JOIN (SELECT customer, b FROM {BATCH_TABLE}) USING customer"),
+            &format!(
+                "ANY INNER JOIN (SELECT customer, b FROM {BATCH_TABLE}) AS batch USING customer"
+            ),
             "",
             lo,
             hi,
