@@ -306,7 +306,8 @@ impl Sql {
 
 /// Builds the statement for `q` over `tenant`'s rollups. Columns: `window_start`
 /// (Int64, unix seconds), `c` (customer or ''), `d` (Array(String) of grouped dimensions), `value`
-/// (Decimal(38, 9)).
+/// (Decimal(38, 9)), then `window_end`, `start_offset` and `end_offset` (Int64; for a named
+/// zone, see [`UsageRow`]; 0 for a fixed offset, whose bounds `answer` computes).
 pub fn sql(q: &UsageQuery, tenant: &str) -> Sql {
     let (table, time) = if by_day(q) {
         ("usage_daily", "day")

@@ -625,6 +625,11 @@ mod tests {
     use super::*;
     use time::macros::datetime;
 
+    #[test]
+    fn the_batch_table_is_created_under_its_own_name() {
+        assert!(CREATE_BATCH_TABLE.starts_with(&format!("CREATE TEMPORARY TABLE {BATCH_TABLE} (")));
+    }
+
     fn request(customer: &str, bounds: &[OffsetDateTime]) -> UsageRequest {
         UsageRequest {
             customer: customer.into(),
