@@ -4,8 +4,9 @@ so the SQL is proven on today's ClickHouse as well as on the local 18.16 server.
 usage: python check_current_clickhouse.py SCHEMAS_DIR [QUERIES_JSON]
 Prints one line per statement; exits non-zero naming the file and statement that failed.
 QUERIES_JSON, if given, is a list of {"name": ..., "sql": ...} run in order after the
-migrations (the tests write the services' own statements there); each query's rows are
-printed as tab-separated lines after a line "result NAME".
+migrations (the tests write the services' own statements there); the last line printed is
+then "results " and a JSON object: each query's name to its rows, each row a list of its
+fields as ClickHouse writes them in TSV.
 """
 import json
 import pathlib
@@ -84,14 +85,15 @@ def main():
         print(f"ok {len(files)} migration file(s) on ClickHouse {version}")
         if len(sys.argv) > 2:
             queries = json.loads(pathlib.Path(sys.argv[2]).read_text())
+            results = {}
             for q in queries:
                 try:
                     rows = s.query(q["sql"], "TSV").data()
                 except Exception as e:  # noqa: BLE001 - report any engine error
                     sys.exit(f"query {q['name']} failed: {e}\n{q['sql']}")
-                print(f"result {q['name']}")
-                print(rows, end="")
+                results[q["name"]] = [line.split("\t") for line in rows.splitlines()]
             print(f"ok {len(queries)} query(ies) on ClickHouse {version}")
+            print("results " + json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,10 @@
 //! Python environment (`TALLY_PYTHON`).
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Command;
 
-use serde_json::json;
-use tally_aggregator::query;
+use tally_aggregator::{chdb, query};
 use tally_core::{Config, Quantity};
 
 /// Two hours of `tokens` for customer c1, model m1, written the way a flush writes them:
@@ -33,33 +32,23 @@ fn ledger_rows(tokens: &str) -> String {
 /// them).
 type Rows = Vec<(i64, String, i64, i64, i64, Quantity)>;
 
-fn parse_results(stdout: &str) -> BTreeMap<String, Rows> {
-    let mut out: BTreeMap<String, Rows> = BTreeMap::new();
-    let mut current = None;
-    for line in stdout.lines() {
-        if let Some(name) = line.strip_prefix("result ") {
-            current = Some(name.to_owned());
-            out.entry(name.to_owned()).or_default();
-            continue;
-        }
-        let (Some(name), false) = (&current, line.starts_with("ok ")) else {
-            continue;
-        };
-        // window_start, c, d, value, window_end, start_offset, end_offset
-        let f: Vec<&str> = line.split('\t').collect();
-        assert_eq!(f.len(), 7, "{line}");
-        let int = |s: &str| s.parse::<i64>().unwrap_or_else(|_| panic!("{s} in {line}"));
-        out.get_mut(name).expect("named").push((
-            int(f[0]),
-            f[1].to_owned(),
-            int(f[4]),
-            int(f[5]),
-            int(f[6]),
-            f[3].parse()
-                .unwrap_or_else(|_| panic!("{} in {line}", f[3])),
-        ));
-    }
-    out
+fn typed(rows: &[Vec<String>]) -> Rows {
+    rows.iter()
+        .map(|f| {
+            // window_start, c, d, value, window_end, start_offset, end_offset
+            assert_eq!(f.len(), 7, "{f:?}");
+            let int = |s: &str| s.parse::<i64>().unwrap_or_else(|_| panic!("{s} in {f:?}"));
+            let value = f[3].parse().unwrap_or_else(|_| panic!("{} in {f:?}", f[3]));
+            (
+                int(&f[0]),
+                f[1].clone(),
+                int(&f[4]),
+                int(&f[5]),
+                int(&f[6]),
+                value,
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -82,7 +71,7 @@ fn migrations_and_usage_statements_run_on_current_clickhouse() {
         let q = query::parse(&pairs, &catalog).expect("a valid query");
         query::sql(&q, "demo").inlined()
     };
-    let mut queries = vec![json!({"name": "ledger", "sql": ledger_rows(&tokens)})];
+    let mut queries = vec![("ledger".to_owned(), ledger_rows(&tokens))];
     let named: [(&str, Vec<(&str, &str)>); 8] = [
         (
             "berlin_days",
@@ -147,39 +136,22 @@ fn migrations_and_usage_statements_run_on_current_clickhouse() {
         ),
     ];
     for (name, params) in &named {
-        queries.push(json!({"name": name, "sql": usage(params)}));
+        queries.push((name.to_string(), usage(params)));
     }
-    queries.push(json!({"name": "unique", "sql": usage(&[("meter", "active_users")])}));
-    let file = std::env::temp_dir().join(format!(
-        "tally-current-ch-{}-{}.json",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_nanos()
-    ));
-    std::fs::write(&file, serde_json::to_vec(&queries).expect("json")).expect("write queries");
-
-    let out = Command::new(&python)
-        .arg(root.join("schemas/check_current_clickhouse.py"))
-        .arg(root.join("schemas/clickhouse"))
-        .arg(&file)
-        .output()
-        .expect("run the chdb check");
-    let _ = std::fs::remove_file(&file);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "chdb check failed:\n{stdout}\n{stderr}"
-    );
+    queries.push(("unique".to_owned(), usage(&[("meter", "active_users")])));
+    let checked = chdb::run(OsStr::new(&python), &queries).unwrap_or_else(|e| panic!("{e}"));
+    let stdout = &checked.stdout;
     assert!(
         stdout.contains("migration file(s) on ClickHouse 2"),
         "{stdout}"
     );
     assert!(stdout.contains("ok 10 query(ies)"), "{stdout}");
 
-    let results = parse_results(&stdout);
+    let results: BTreeMap<String, Rows> = checked
+        .results
+        .iter()
+        .map(|(name, rows)| (name.clone(), typed(rows)))
+        .collect();
     let q = |s: &str| s.parse::<Quantity>().expect("quantity");
     let c1 = || "c1".to_owned();
     let empty = String::new;

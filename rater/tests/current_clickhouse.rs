@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::process::Command;
+use std::ffi::OsStr;
 
 use common::*;
-use serde_json::json;
+use tally_aggregator::chdb;
 use tally_core::Quantity;
 use tally_rater::usage::{UsageReader, UsageRequest};
 use time::macros::datetime;
@@ -108,47 +107,22 @@ fn usage_reads_for_invoices_run_on_current_clickhouse() {
         })
         .collect();
 
-    let mut queries: Vec<serde_json::Value> = data(&tokens)
+    let mut queries: Vec<(String, String)> = data(&tokens)
         .into_iter()
         .enumerate()
-        .map(|(i, sql)| json!({"name": format!("data{i}"), "sql": sql}))
+        .map(|(i, sql)| (format!("data{i}"), sql))
         .collect();
     for (name, requests) in [("few", &few[..]), ("many", &many[..])] {
         let statements = reader
             .statements("demo", &meters, requests)
             .expect("statements");
         for (i, sql) in statements.into_iter().enumerate() {
-            queries.push(json!({"name": format!("{name}{i}"), "sql": sql}));
+            queries.push((format!("{name}{i}"), sql));
         }
     }
-    let file = std::env::temp_dir().join(format!("{}.json", unique("tally-rater-current-ch")));
-    std::fs::write(&file, serde_json::to_vec(&queries).expect("json")).expect("write queries");
-    let out = Command::new(&python)
-        .arg(repo("schemas/check_current_clickhouse.py"))
-        .arg(repo("schemas/clickhouse"))
-        .arg(&file)
-        .output()
-        .expect("run the chdb check");
-    let _ = std::fs::remove_file(&file);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "chdb check failed:\n{stdout}\n{stderr}"
-    );
-
-    // Each statement's rows, tab-separated.
-    let mut results: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
-    let mut current = None;
-    for line in stdout.lines() {
-        if let Some(name) = line.strip_prefix("result ") {
-            current = Some(name.to_owned());
-            results.entry(name.to_owned()).or_default();
-        } else if let (Some(name), false) = (&current, line.starts_with("ok ")) {
-            let fields = line.split('\t').map(str::to_owned).collect();
-            results.get_mut(name).expect("named").push(fields);
-        }
-    }
+    let results = chdb::run(OsStr::new(&python), &queries)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .results;
     let q = |s: &str| s.parse::<Quantity>().unwrap_or_else(|_| panic!("{s:?}"));
     // A rollups read: (customer, segment, meter index, value); tokens is meter 1.
     let rollups = |name: &str| -> Vec<(String, String, String, Quantity)> {
