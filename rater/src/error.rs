@@ -40,6 +40,9 @@ pub enum Error {
     /// A pricing model built in code breaks a rule the loader enforces on plan files.
     #[error("{field}: {reason}")]
     InvalidModel { field: String, reason: String },
+    /// The input of `tally-rater price` is invalid; `field` is its path (`usage.tokens`).
+    #[error("{field}: {reason}")]
+    PriceInput { field: String, reason: String },
     #[error("quantity {quantity}: must not be negative")]
     NegativeQuantity { quantity: Decimal },
     /// A result that a `Decimal` (96-bit mantissa, at most 28 decimal places) cannot hold

@@ -17,6 +17,7 @@
 //!   plan-version migrations written in bulk, resumable, with an audit record.
 //! - [`migration`]: plan-version migrations planned (who moves, when, what changes).
 //! - [`kafka`]: a migration's entitlement changes published to `entitlement-changes`.
+//! - [`quote`]: `tally-rater price`: one invoice from a plan file and given quantities.
 //! - [`run`]: invoice runs over ClickHouse (previews, final runs stored once and published).
 //! - [`http`]: `tally-rater serve`: invoice previews over HTTP, health and metrics.
 //!
@@ -35,6 +36,7 @@ pub mod migration;
 pub mod period;
 pub mod plan;
 pub mod pricing;
+pub mod quote;
 pub mod run;
 pub mod schedule;
 pub mod store;

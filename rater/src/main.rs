@@ -10,6 +10,7 @@
 //!   history   --tenant T --customer C
 //!   migrate-plan --tenant T --plan P --to-version N --id ID [--from-versions 1,2]
 //!             [--customers a,b] [--effective next-period|TIME] [--preview]
+//!   price     --plan PLAN_FILE --usage USAGE_JSON [--format json|csv]
 //! ```
 //!
 //! subscribe, change and cancel also take `--actor A` (default `$USER`), `--reason R` and
@@ -23,18 +24,21 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use serde::Serialize;
 use tally_core::Config;
+use tally_rater::quote::{quote, PriceRequest};
 use tally_rater::run::{billables, closed_billables, Billable, InvoiceRun};
 use tally_rater::store::{Recorded, SubscriptionStore};
 use tally_rater::subscription::{Change, ChangeKind, NewChange, Status};
 use tally_rater::usage::UsageReader;
 use tally_rater::{
-    Catalog, Effective, Invoice, MigrationPreview, MigrationSpec, Notifier, RunOptions, RunResult,
+    Catalog, Effective, Invoice, MigrationPreview, MigrationSpec, Notifier, PlanVersion,
+    RunOptions, RunResult,
 };
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -58,6 +62,7 @@ usage: tally-rater [--config FILE] [--plans DIR] [--json] COMMAND [FLAGS]
             [--customers a,b] [--effective next-period|TIME] [--preview] [--actor A] [--reason R]
   invoice   --tenant T [--at TIME] [--mode preview|final] [--grace-hours H] [--format json|csv]
             [--batch N]
+  price     --plan PLAN_FILE --usage USAGE_JSON [--format json|csv]
 subscribe, change and cancel also take [--actor A] [--reason R] [--change-id ID].
 invoice prices each subscribed customer's period that contains --at (default now):
 preview stores nothing; final needs the period closed --grace-hours ago (default 24),
@@ -67,6 +72,10 @@ rater.final_every_secs, with rater.final_catch_up_periods periods before it).
 migrate-plan moves a plan's subscribers to version N (default: from every older version),
 each at its next billing period (default) or all at TIME; --preview writes nothing. Running
 it again with the same --id resumes it, or says it is done.
+price is pure (no store, no config): it prints the invoice that the plan file gives for the
+quantities in USAGE_JSON (inline JSON, a file, or - for standard input): {\"tokens\": 1500},
+or {\"usage\": {…}, \"period_start\", \"anchor\", \"subscription_start\",
+\"subscription_end\", \"at\", \"customer\"} when proration matters (README, \"Pricing\").
 TIME is RFC 3339 in whole seconds, like 2025-01-01T00:00:00Z.";
 
 /// Flags each command takes; `*` marks the required ones.
@@ -133,6 +142,7 @@ const COMMANDS: &[(&str, &[&str])] = &[
         "invoice",
         &["tenant*", "at", "mode", "grace-hours", "format", "batch"],
     ),
+    ("price", &["plan*", "usage*", "format"]),
 ];
 
 /// Flags any command takes.
@@ -316,6 +326,9 @@ async fn run(args: anyhow::Result<Args>) -> anyhow::Result<()> {
         println!("{USAGE}");
         return Ok(());
     }
+    if args.command == "price" {
+        return price(&args);
+    }
     let config_path = match args.get("config") {
         Some(p) => Some(PathBuf::from(p)),
         None if std::env::var_os("TALLY_CONFIG").is_some() => None,
@@ -399,6 +412,39 @@ async fn run(args: anyhow::Result<Args>) -> anyhow::Result<()> {
         other => unreachable!("command {other} is in COMMANDS"),
     }
     Ok(())
+}
+
+/// `price`: one invoice from a plan file and quantities; reads no config and no store.
+fn price(args: &Args) -> anyhow::Result<()> {
+    let csv = match args.get("format").unwrap_or("json") {
+        "json" => false,
+        "csv" => true,
+        other => return Err(arg_error(format!("--format: {other:?} is not json or csv"))),
+    };
+    let plan_file = Path::new(args.required("plan")?);
+    let bytes = std::fs::read(plan_file)
+        .with_context(|| format!("--plan: reading {}", plan_file.display()))?;
+    let plan = PlanVersion::parse_standalone(plan_file, &bytes)?;
+    let usage = args.required("usage")?;
+    let text = if usage.trim_start().starts_with('{') {
+        usage.to_owned()
+    } else if usage == "-" {
+        std::io::read_to_string(std::io::stdin()).context("--usage: reading standard input")?
+    } else {
+        std::fs::read_to_string(usage).with_context(|| format!("--usage: reading {usage}"))?
+    };
+    let request = PriceRequest::parse(&text).context("--usage")?;
+    let invoice = quote(&plan, &request, OffsetDateTime::now_utc())?;
+    let text = if csv {
+        invoice.to_csv()
+    } else {
+        serde_json::to_string_pretty(&invoice)? + "\n"
+    };
+    // A reader that stops early (`| head`) is not an error of ours.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => written.context("writing the invoice"),
+    }
 }
 
 /// `invoice`: previews or final invoices for a tenant's customers, batch by batch.

@@ -200,6 +200,42 @@ impl PlanVersion {
         Ok(v)
     }
 
+    /// Parses one plan file on its own, as `tally-rater price` reads it. A file laid out as
+    /// in a catalog (`<plan>/v<N>.toml`) is checked as [`PlanVersion::parse`] checks it;
+    /// any other file is the plan and version it states.
+    pub fn parse_standalone(file: &Path, bytes: &[u8]) -> Result<PlanVersion> {
+        if identity(file).is_ok() {
+            return PlanVersion::parse(file, bytes);
+        }
+        let err = |plan: &str, version: u32, field: &str, reason: String| Error::Plan {
+            file: file.to_path_buf(),
+            plan: plan.to_owned(),
+            version,
+            field: field.to_owned(),
+            reason,
+        };
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| err("?", 0, "file", format!("not UTF-8 ({e})")))?;
+        let raw = parse_toml(text).map_err(|(field, reason)| err("?", 0, &field, reason))?;
+        let (plan, version) = (raw.plan.clone(), raw.version);
+        if !valid_name(&plan) {
+            return Err(err(
+                &plan,
+                version,
+                "plan",
+                "must be 1-64 characters of a-z, 0-9, _ and -".into(),
+            ));
+        }
+        if version == 0 {
+            return Err(err(&plan, version, "version", "must be 1 or more".into()));
+        }
+        let mut v = PlanVersion::validate(raw, &plan, version)
+            .map_err(|(field, reason)| err(&plan, version, &field, reason))?;
+        v.file = file.to_path_buf();
+        v.digest = hex::encode(Sha256::digest(bytes));
+        Ok(v)
+    }
+
     fn validate(raw: PlanFile, plan: &str, version: u32) -> Result<PlanVersion, Problem> {
         if raw.plan != plan {
             return problem(
