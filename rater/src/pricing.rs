@@ -332,6 +332,45 @@ mod tests {
     }
 
     #[test]
+    fn fractional_quantities_across_a_bound() {
+        let g = Model::Graduated {
+            tiers: three_tiers(),
+        };
+        // 1000 × 0.10 + (5 + 0.5 × 0.05)
+        assert_eq!(amount(&g, "1000.5"), d("105.025"));
+        assert_eq!(amount(&g, "999.999999999"), d("99.9999999999"));
+        let v = Model::Volume {
+            tiers: three_tiers(),
+        };
+        // the bound is inclusive: 1000 is in the first tier, anything above in the second
+        assert_eq!(amount(&v, "1000.000000001"), d("55.00000000005"));
+        assert_eq!(amount(&v, "0.5"), d("0.05"));
+    }
+
+    #[test]
+    fn huge_quantities_price_exactly() {
+        // 10^18 units: 100 + (5 + 9000 × 0.05) + (10^18 − 10000) × 0.01
+        let g = Model::Graduated {
+            tiers: three_tiers(),
+        };
+        assert_eq!(amount(&g, "1000000000000000000"), d("10000000000000455.00"));
+        let v = Model::Volume {
+            tiers: three_tiers(),
+        };
+        assert_eq!(
+            amount(&v, "1000000000000000000.5"),
+            d("10000000000000000.005")
+        );
+        let per_unit = Model::PerUnit {
+            price: d("0.000000001"),
+        };
+        assert_eq!(
+            amount(&per_unit, "79228162514264337593"),
+            d("79228162514.264337593")
+        );
+    }
+
+    #[test]
     fn volume_prices_all_units_at_the_tier_reached() {
         let m = Model::Volume {
             tiers: three_tiers(),
@@ -472,6 +511,27 @@ mod tests {
                 prop_assert_eq!(t.amount, t.units * t.unit_price + t.flat_fee);
                 prop_assert!(t.units > Decimal::ZERO);
                 prop_assert!(t.to.is_none_or(|to| t.from < to && (graduated || q <= to)));
+            }
+        }
+
+        /// Volume pricing is the declared piecewise function: the first tier whose bound
+        /// holds the quantity prices every unit, plus its fee; nothing for no units.
+        #[test]
+        fn volume_is_piecewise_as_declared(tiers in tiers(), q in quantity()) {
+            let expected = if q.is_zero() {
+                Decimal::ZERO
+            } else {
+                let t = tiers
+                    .iter()
+                    .find(|t| t.up_to.is_none_or(|to| q <= to))
+                    .expect("the last tier is open");
+                q * t.unit_price + t.flat_fee
+            };
+            let p = price(&Model::Volume { tiers: tiers.clone() }, q).expect("priced");
+            prop_assert_eq!(p.amount, expected);
+            if let Some(t) = p.tiers.first() {
+                prop_assert!(t.from < q);
+                prop_assert_eq!(t.from, t.tier.checked_sub(1).and_then(|i| tiers[i].up_to).unwrap_or_default());
             }
         }
 

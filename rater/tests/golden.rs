@@ -6,7 +6,11 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use tally_rater::{period_containing, Catalog, Decimal, Interval, Invoice, PlanVersion, Segment};
+use tally_rater::run;
+use tally_rater::{
+    period_containing, Catalog, Change, ChangeKind, Decimal, Interval, Invoice, PlanVersion,
+    Segment, Timeline,
+};
 use time::macros::datetime;
 use time::OffsetDateTime;
 
@@ -243,6 +247,295 @@ fn pro_v2_partial_period() {
     check("pro_v2_partial_period.json", &json(&inv));
 }
 
+/// A subscription's log as the store would hold it, for the run's own placement
+/// (`run::billable`): `(kind, effective_at, plan, version)`, anchored at `anchor`.
+fn timeline(
+    anchor: OffsetDateTime,
+    changes: &[(ChangeKind, OffsetDateTime, &str, u32)],
+) -> Timeline {
+    let log = changes
+        .iter()
+        .enumerate()
+        .map(|(i, (kind, at, plan, version))| Change {
+            tenant: "t".into(),
+            customer: "cus".into(),
+            change_id: format!("c{i}"),
+            kind: *kind,
+            effective_at: *at,
+            recorded_at: *at,
+            plan: (*plan).into(),
+            version: *version,
+            billing_anchor: anchor,
+            actor: "golden".into(),
+            reason: String::new(),
+            migration_id: String::new(),
+        });
+    Timeline::new("cus", log)
+}
+
+/// The invoice of the period holding `at`, each segment's usage given in order.
+fn invoice_at(
+    c: &Catalog,
+    t: &Timeline,
+    at: OffsetDateTime,
+    usage_per_segment: &[&[(&str, &str)]],
+) -> Invoice {
+    let placed = run::billable(t, c, at)
+        .expect("in force")
+        .unwrap_or_else(|(who, why)| panic!("{who}: {why}"));
+    assert_eq!(placed.segments.len(), usage_per_segment.len(), "segments");
+    let segments: Vec<Segment<'_>> = placed
+        .segments
+        .iter()
+        .zip(usage_per_segment)
+        .map(|(s, u)| one_segment(plan(c, &s.plan, s.version), s.from, s.to, u))
+        .collect();
+    Invoice::compute("cus", &placed.period, &segments).expect("invoice")
+}
+
+/// February of a leap year has 29 days, so 10 of them are 10/29 of the fees and allowances;
+/// the same 10 days of a common year's February are 10/28.
+#[test]
+fn a_partial_february_in_a_leap_year_and_a_common_one() {
+    let c = catalog();
+    let anchor = datetime!(2024-01-01 0:00 UTC);
+    let t = timeline(
+        anchor,
+        &[(
+            ChangeKind::Create,
+            datetime!(2024-02-20 0:00 UTC),
+            "starter",
+            1,
+        )],
+    );
+    let inv = invoice_at(
+        &c,
+        &t,
+        datetime!(2024-02-25 0:00 UTC),
+        &[&[("requests", "20000")]],
+    );
+    assert_eq!(
+        (inv.period_start, inv.period_end),
+        (
+            datetime!(2024-02-01 0:00 UTC),
+            datetime!(2024-03-01 0:00 UTC)
+        )
+    );
+    // 9.00 × 10/29 = 3.1034… → 3.10; allowance 10000 × 10/29 = 3448.275862069 (9 places),
+    // (20000 − 3448.275862069) × 0.0005 = 8.2758… → 8.28; no tokens.
+    assert_eq!(amounts(&inv), ["3.10", "8.28", "0.00"]);
+    assert_eq!(
+        inv.lines[1].included.map(|d| d.to_string()).as_deref(),
+        Some("3448.275862069")
+    );
+    assert_eq!(inv.total.to_string(), "11.38");
+    assert_eq!(
+        (
+            inv.segments[0].seconds.to_string(),
+            inv.segments[0].period_seconds.to_string()
+        ),
+        ((10 * 86_400).to_string(), (29 * 86_400).to_string())
+    );
+
+    let t = timeline(
+        anchor,
+        &[(
+            ChangeKind::Create,
+            datetime!(2025-02-19 0:00 UTC),
+            "starter",
+            1,
+        )],
+    );
+    let inv = invoice_at(
+        &c,
+        &t,
+        datetime!(2025-02-25 0:00 UTC),
+        &[&[("requests", "20000")]],
+    );
+    // 9.00 × 10/28 = 3.2142… → 3.21; 10000 × 10/28 = 3571.428571429;
+    // 16428.571428571 × 0.0005 = 8.2142… → 8.21.
+    assert_eq!(amounts(&inv), ["3.21", "8.21", "0.00"]);
+    assert_eq!(inv.total.to_string(), "11.42");
+    check(
+        "leap_february_partial.json",
+        &json(&invoice_at(
+            &c,
+            &timeline(
+                anchor,
+                &[(
+                    ChangeKind::Create,
+                    datetime!(2024-02-20 0:00 UTC),
+                    "starter",
+                    1,
+                )],
+            ),
+            datetime!(2024-02-20 0:00 UTC),
+            &[&[("requests", "20000")]],
+        )),
+    );
+}
+
+/// A yearly plan: $1,200 a year and 1,000,000 requests included per full year, started on
+/// March 1 of a leap year with the anchor on January 1: 306 of the year's 366 days.
+#[test]
+fn a_yearly_plan_started_mid_year_in_a_leap_year() {
+    let annual = PlanVersion::parse(
+        Path::new("annual/v1.toml"),
+        br#"
+plan = "annual"
+version = 1
+currency = "USD"
+interval = "yearly"
+
+[[charges]]
+id = "platform"
+type = "flat"
+price = "1200.00"
+
+[[charges]]
+id = "requests"
+type = "usage"
+meter = "requests"
+included = "1000000"
+model = "per_unit"
+price = "0.001"
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let period = period_containing(
+        datetime!(2024-01-01 0:00 UTC),
+        Interval::Yearly,
+        datetime!(2024-03-01 0:00 UTC),
+    )
+    .expect("period");
+    assert_eq!(period.end(), datetime!(2025-01-01 0:00 UTC));
+    let seg = one_segment(
+        &annual,
+        datetime!(2024-03-01 0:00 UTC),
+        period.end(),
+        &[("requests", "2000000")],
+    );
+    let inv = Invoice::compute("cus_annual", &period, &[seg]).expect("invoice");
+    // 1200.00 × 306/366 = 1003.2786… → 1003.28; allowance 1000000 × 306/366 =
+    // 836065.573770492; (2000000 − that) × 0.001 = 1163.9344… → 1163.93.
+    assert_eq!(amounts(&inv), ["1003.28", "1163.93"]);
+    assert_eq!(
+        inv.lines[1].included.map(|d| d.to_string()).as_deref(),
+        Some("836065.573770492")
+    );
+    assert_eq!(inv.total.to_string(), "2167.21");
+    assert_eq!(
+        inv.segments[0].period_seconds.to_string(),
+        (366 * 86_400).to_string()
+    );
+    // The next year is a common one: a full period bills the whole fee.
+    let next = period.next().expect("next period");
+    assert_eq!(next.end(), datetime!(2026-01-01 0:00 UTC));
+    let full = Invoice::compute(
+        "cus_annual",
+        &next,
+        &[one_segment(
+            &annual,
+            next.start(),
+            next.end(),
+            &[("requests", "999999")],
+        )],
+    )
+    .expect("invoice");
+    assert_eq!(amounts(&full), ["1200.00", "0.00"]);
+    check("yearly_leap_year_start.json", &json(&inv));
+}
+
+/// A change on the last day of April: starter for 29 of 30 days, pro v2 for one. A change at
+/// the first instant of May leaves April whole on its plan and May whole on the next.
+#[test]
+fn changes_on_the_last_and_the_first_day() {
+    let c = catalog();
+    let anchor = datetime!(2025-01-01 0:00 UTC);
+    let t = timeline(
+        anchor,
+        &[
+            (ChangeKind::Create, anchor, "starter", 1),
+            (ChangeKind::Change, datetime!(2025-04-30 0:00 UTC), "pro", 2),
+        ],
+    );
+    let inv = invoice_at(
+        &c,
+        &t,
+        datetime!(2025-04-10 0:00 UTC),
+        &[&[("requests", "30000")], &[("requests", "5000")]],
+    );
+    // starter × 29/30: 8.70; allowance 9666.666666667, 20333.333333333 × 0.0005 → 10.17;
+    // tokens 0.00. pro v2 × 1/30: 59.00 / 30 → 1.97; allowance 3333.333333333,
+    // 1666.666666667 × 0.0004 → 0.67; tokens 0.00 with its minimum 10.00 / 30 → 0.33 topped
+    // up; storage 0.00; seats 0.00. Invoice minimum 100.00 / 30 = 3.33 is met by 21.84.
+    assert_eq!(
+        amounts(&inv),
+        ["8.70", "10.17", "0.00", "1.97", "0.67", "0.00", "0.33", "0.00", "0.00"]
+    );
+    assert_eq!(inv.total.to_string(), "21.84");
+
+    let t = timeline(
+        anchor,
+        &[
+            (ChangeKind::Create, anchor, "starter", 1),
+            (ChangeKind::Change, datetime!(2025-05-01 0:00 UTC), "pro", 2),
+        ],
+    );
+    let april = invoice_at(&c, &t, datetime!(2025-04-30 23:59:59 UTC), &[&[]]);
+    assert_eq!(amounts(&april), ["9.00", "0.00", "0.00"]);
+    let may = invoice_at(&c, &t, datetime!(2025-05-01 0:00 UTC), &[&[]]);
+    // 59.00; nothing used; the tokens minimum 10.00 topped up; 69.00 < 100.00 → 31.00.
+    assert_eq!(
+        amounts(&may),
+        ["59.00", "0.00", "0.00", "10.00", "0.00", "0.00", "31.00"]
+    );
+    assert_eq!(may.segments.len(), 1);
+    assert_eq!(may.total.to_string(), "100.00");
+}
+
+/// Three plans and a cancel in one 31-day May: starter 7 days, pro v1 12, pro v2 5, then
+/// cancelled. Each part is priced by its own plan; the invoice minimum is the sum of each
+/// plan's share.
+#[test]
+fn several_changes_in_one_period() {
+    let c = catalog();
+    let anchor = datetime!(2025-01-01 0:00 UTC);
+    let t = timeline(
+        anchor,
+        &[
+            (ChangeKind::Create, anchor, "starter", 1),
+            (ChangeKind::Change, datetime!(2025-05-08 0:00 UTC), "pro", 1),
+            (ChangeKind::Change, datetime!(2025-05-20 0:00 UTC), "pro", 2),
+            (ChangeKind::Cancel, datetime!(2025-05-25 0:00 UTC), "", 0),
+        ],
+    );
+    let inv = invoice_at(
+        &c,
+        &t,
+        datetime!(2025-05-02 0:00 UTC),
+        &[&[("requests", "12000")], &[("tokens", "500000")], &[]],
+    );
+    // starter × 7/31: 2.03; allowance 2258.064516129, 9741.935483871 × 0.0005 → 4.87; 0.00.
+    // pro v1 × 12/31: 49.00 → 18.97; requests within the allowance; 500000 × 0.000015 =
+    //   7.50; storage and seats 0.00; invoice minimum share 100.00 × 12/31 → 38.71.
+    // pro v2 × 5/31: 59.00 → 9.52; 0.00; tokens 0.00 topped up to 10.00 × 5/31 → 1.61;
+    //   0.00; 0.00; invoice minimum share 100.00 × 5/31 → 16.13.
+    // subtotal 44.50 < 38.71 + 16.13 = 54.84 → top-up 10.34.
+    assert_eq!(
+        amounts(&inv),
+        [
+            "2.03", "4.87", "0.00", "18.97", "0.00", "7.50", "0.00", "0.00", "9.52", "0.00",
+            "0.00", "1.61", "0.00", "0.00", "10.34"
+        ]
+    );
+    assert_eq!(inv.subtotal.to_string(), "44.50");
+    assert_eq!(inv.total.to_string(), "54.84");
+    let shares: Vec<_> = inv.segments.iter().map(|s| s.seconds.to_string()).collect();
+    assert_eq!(shares, ["604800", "1036800", "432000"]);
+    check("several_changes_in_may.json", &json(&inv));
+}
+
 #[test]
 fn every_golden_file_is_checked() {
     if std::env::var_os("TALLY_BLESS").is_some() {
@@ -256,11 +549,14 @@ fn every_golden_file_is_checked() {
     assert_eq!(
         names,
         [
+            "leap_february_partial.json",
             "pro_v1_invoice_minimum.json",
             "pro_v2_partial_period.json",
+            "several_changes_in_may.json",
             "starter_full_month.json",
             "upgrade_mid_period.csv",
             "upgrade_mid_period.json",
+            "yearly_leap_year_start.json",
         ]
     );
 }
