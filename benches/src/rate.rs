@@ -60,6 +60,7 @@ pub fn billable(n: u64, period: Period) -> Billable {
             plan: PLAN.0.into(),
             version: PLAN.1,
         }],
+        previous: None,
     }
 }
 

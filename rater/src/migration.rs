@@ -378,6 +378,13 @@ pub fn plan(
         .customers
         .as_ref()
         .map(|c| c.iter().map(String::as_str).collect());
+    let to = catalog
+        .version(&spec.plan, spec.to_version)
+        .ok_or_else(|| Error::UnknownPlanVersion {
+            plan: spec.plan.clone(),
+            version: spec.to_version,
+            latest: catalog.versions(&spec.plan).len() as u32,
+        })?;
     let mut groups: BTreeMap<u32, Vec<Move>> = BTreeMap::new();
     let mut skipped: BTreeMap<Skip, u64> = BTreeMap::new();
     for c in candidates {
@@ -416,19 +423,19 @@ pub fn plan(
             *skipped.entry(Skip::Pending).or_default() += 1;
             continue;
         }
+        // A version on another billing interval anchors the subscription at the move, as
+        // a single change does (`subscription::anchor_after`).
+        let billing_anchor = if to.interval() == from.interval() {
+            c.billing_anchor
+        } else {
+            effective_at
+        };
         groups.entry(c.version).or_default().push(Move {
             customer: c.customer,
             effective_at,
-            billing_anchor: c.billing_anchor,
+            billing_anchor,
         });
     }
-    let to = catalog
-        .version(&spec.plan, spec.to_version)
-        .ok_or_else(|| Error::UnknownPlanVersion {
-            plan: spec.plan.clone(),
-            version: spec.to_version,
-            latest: catalog.versions(&spec.plan).len() as u32,
-        })?;
     let groups = groups
         .into_iter()
         .filter_map(|(from_version, mut moves)| {
@@ -574,6 +581,44 @@ mod tests {
         .validate(&plans)
         .expect_err("refused");
         assert_eq!(e.to_string(), "migration \"\": id: must not be empty");
+    }
+
+    /// A version on another billing interval anchors each moved subscription at its move,
+    /// as a single change does; one on the same interval keeps the anchor.
+    #[test]
+    fn a_move_to_another_interval_anchors_at_the_move() {
+        let dir =
+            std::env::temp_dir().join(format!("tally-migration-yearly-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("p")).expect("plan folder");
+        for (version, interval) in [(1, "monthly"), (2, "monthly"), (3, "yearly")] {
+            let text = format!(
+                "plan = \"p\"\nversion = {version}\ncurrency = \"USD\"\n\
+                 interval = \"{interval}\"\n[[charges]]\nid = \"fee\"\ntype = \"flat\"\n\
+                 price = \"10.00\"\n"
+            );
+            std::fs::write(dir.join(format!("p/v{version}.toml")), text).expect("plan");
+        }
+        let plans = Catalog::load_dir(&dir).expect("catalog");
+        std::fs::remove_dir_all(&dir).ok();
+        let anchor = datetime!(2025-01-15 0:00 UTC);
+        let to = |version| MigrationSpec {
+            plan: "p".into(),
+            to_version: version,
+            from_versions: Some(vec![1]),
+            ..spec()
+        };
+        let moves = |version| {
+            let planned =
+                plan(&to(version), &plans, vec![on("c1", "p", 1, anchor)], NOW).expect("planned");
+            planned.groups[0].moves[0].clone()
+        };
+        // The next period start of the monthly anchor: March 15, 2026.
+        let same = moves(2);
+        assert_eq!(same.effective_at, datetime!(2026-03-15 0:00 UTC));
+        assert_eq!(same.billing_anchor, anchor);
+        let yearly = moves(3);
+        assert_eq!(yearly.effective_at, datetime!(2026-03-15 0:00 UTC));
+        assert_eq!(yearly.billing_anchor, yearly.effective_at);
     }
 
     #[test]

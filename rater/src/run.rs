@@ -83,6 +83,10 @@ pub struct Billable {
     pub customer: String,
     pub period: Period,
     pub segments: Vec<SegmentRef>,
+    /// The period whose late usage this invoice adjusts when it is not the one before in
+    /// the same anchor: the last period of the old anchor, after a change that anchored the
+    /// subscription again (an interval change, a new subscription). `None`: the one before.
+    pub previous: Option<Period>,
 }
 
 /// A batch's outcome, per customer, in the batch's order.
@@ -262,7 +266,8 @@ pub fn last_closed(
         Err(refusal) => return Some(Err(refusal)),
     };
     match billable(timeline, catalog, open.start() - time::Duration::NANOSECOND)? {
-        Ok(b) if b.period.end() > cutoff => None,
+        // A period cut short by a change of anchor closes at that change.
+        Ok(b) if b.period.end().min(open.start()) > cutoff => None,
         placed => Some(placed),
     }
 }
@@ -305,6 +310,16 @@ pub fn billable(
         Ok(placed) => placed,
         Err(refusal) => return Some(Err(refusal)),
     };
+    let previous = match period_at(
+        timeline,
+        catalog,
+        period.start() - time::Duration::NANOSECOND,
+    ) {
+        Some(Ok((_, p))) if p.anchor() != period.anchor() || p.interval() != period.interval() => {
+            Some(p)
+        }
+        _ => None,
+    };
     if status.state != State::Active && status.since <= period.start() {
         // Cancelled during the period before: this one has nothing to price, but usage of
         // that period reaching it after its final invoice is billed here (see
@@ -317,10 +332,15 @@ pub fn billable(
             customer: status.customer,
             period,
             segments: Vec::new(),
+            previous,
         }));
     }
+    // A change that anchors the subscription again ends this anchor's periods early.
+    let end = timeline
+        .anchor_moves(period.start(), status.billing_anchor)
+        .map_or(period.end(), |t| t.min(period.end()));
     let segments = timeline
-        .segments(period.start(), period.end())
+        .segments(period.start(), end)
         .into_iter()
         .filter_map(|s| clip(s, &period))
         .collect();
@@ -328,6 +348,7 @@ pub fn billable(
         customer: status.customer,
         period,
         segments,
+        previous,
     }))
 }
 
@@ -917,8 +938,11 @@ impl InvoiceRun {
         // Usage that reached the previous period after its invoice was final.
         let mut previous = Vec::new();
         for b in &pending {
-            let index = b.period.index() - 1;
-            if let Ok(p) = Period::nth(b.period.anchor(), b.period.interval(), index) {
+            let before = match b.previous {
+                Some(p) => Ok(p),
+                None => Period::nth(b.period.anchor(), b.period.interval(), b.period.index() - 1),
+            };
+            if let Ok(p) = before {
                 let id = format!("{tenant}/{}/{}", b.customer, p.start().unix_timestamp());
                 previous.push((b.customer.clone(), p, id));
             }
@@ -944,6 +968,7 @@ impl InvoiceRun {
                         version: s.version,
                     })
                     .collect(),
+                previous: None,
             });
             issued.insert(customer, (id, inv));
         }

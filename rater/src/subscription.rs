@@ -33,7 +33,9 @@ const MAX_ID_BYTES: usize = 256;
 pub enum ChangeKind {
     /// Starts a subscription, fixing its billing anchor.
     Create,
-    /// Moves the subscription to another plan or version; the anchor stays.
+    /// Moves the subscription to another plan or version. The anchor stays, unless the
+    /// billing interval changes: then the subscription is anchored again at the change
+    /// (see [`anchor_after`]).
     Change,
     /// Ends the subscription.
     Cancel,
@@ -118,8 +120,9 @@ pub struct NewChange {
     pub plan: Option<String>,
     /// Default: the plan's latest version in the catalog.
     pub version: Option<u32>,
-    /// A create's anchor, default `effective_at`. Other kinds keep the subscription's
-    /// anchor; naming a different one is an error (cancel and create again to move it).
+    /// A create's anchor, default `effective_at`. A change or migrate keeps the
+    /// subscription's anchor, or takes `effective_at` when it changes the billing interval
+    /// ([`anchor_after`]); naming another is an error (cancel and create again to move it).
     pub billing_anchor: Option<OffsetDateTime>,
     pub actor: String,
     pub reason: String,
@@ -369,6 +372,22 @@ impl Timeline {
         out
     }
 
+    /// The first instant after `after` at which a change anchors the subscription other
+    /// than at `anchor` (an interval change, or a new subscription after a cancel): the
+    /// periods of `anchor` end there.
+    pub fn anchor_moves(
+        &self,
+        after: OffsetDateTime,
+        anchor: OffsetDateTime,
+    ) -> Option<OffsetDateTime> {
+        self.changes
+            .iter()
+            .find(|c| {
+                c.effective_at > after && c.kind != ChangeKind::Cancel && c.billing_anchor != anchor
+            })
+            .map(|c| c.effective_at)
+    }
+
     /// Where the subscription stands at `instant`; `None` for a customer without changes.
     pub fn status(&self, instant: OffsetDateTime) -> Option<Status> {
         let k = self.steps.partition_point(|s| s.0 <= instant);
@@ -416,14 +435,14 @@ impl Timeline {
         check_fields(change, catalog)?;
         // Rules a concurrent writer may already have broken are not this change's fault.
         let existing: Vec<&Change> = self.changes.iter().collect();
-        let broken: HashSet<&str> = violations(&self.customer, &existing, None)
+        let broken: HashSet<&str> = violations(&self.customer, &existing, catalog)
             .into_iter()
             .map(|(i, _)| existing[i].change_id.as_str())
             .collect();
         let mut sequence = existing;
         let at = sequence.partition_point(|c| c.order_key() <= change.order_key());
         sequence.insert(at, change);
-        for (i, e) in violations(&self.customer, &sequence, Some(at)) {
+        for (i, e) in violations(&self.customer, &sequence, catalog) {
             if i == at {
                 return Err(e);
             }
@@ -517,22 +536,30 @@ impl Timeline {
 
         let billing_anchor = match new.kind {
             ChangeKind::Create => new.billing_anchor.unwrap_or(new.effective_at),
-            _ => match (self.at(new.effective_at), new.billing_anchor) {
+            ChangeKind::Cancel => match (self.at(new.effective_at), new.billing_anchor) {
                 (Some(c), Some(a)) if a != c.billing_anchor => {
-                    return Err(Error::InvalidChange {
-                        change_id,
-                        field: "billing_anchor",
-                        reason: format!(
-                            "a {} keeps the subscription's anchor {} (got {}); cancel and \
-                             subscribe again to move it",
-                            new.kind,
-                            show(c.billing_anchor),
-                            show(a)
-                        ),
-                    })
+                    return Err(anchor_error(&change_id, new.kind, c.billing_anchor, a))
                 }
                 (Some(c), _) => c.billing_anchor,
                 (None, a) => a.unwrap_or(new.effective_at),
+            },
+            ChangeKind::Change | ChangeKind::Migrate => match self.at(new.effective_at) {
+                Some(in_force) => {
+                    let planned = Change {
+                        plan: plan.clone(),
+                        version,
+                        effective_at: new.effective_at,
+                        ..in_force.clone()
+                    };
+                    let anchor = anchor_after(in_force, in_force.billing_anchor, &planned, catalog);
+                    match new.billing_anchor {
+                        Some(a) if a != anchor => {
+                            return Err(anchor_error(&change_id, new.kind, anchor, a))
+                        }
+                        _ => anchor,
+                    }
+                }
+                None => new.billing_anchor.unwrap_or(new.effective_at),
             },
         };
         let change = Change {
@@ -583,8 +610,10 @@ fn dedupe_key(
 
 /// The rules of a valid log, applied in order. Returns every change that breaks one (by
 /// index) with why; the state moves on as the fold does, so later changes are judged by
-/// what readers will see. Field checks (anchor kept) apply only to `new`.
-fn violations(customer: &str, sequence: &[&Change], new: Option<usize>) -> Vec<(usize, Error)> {
+/// what readers will see. A change or migrate must carry the anchor [`anchor_after`] gives
+/// it, so a change that moves the anchor of later ones (an interval change inserted before
+/// them) breaks them.
+fn violations(customer: &str, sequence: &[&Change], catalog: &Catalog) -> Vec<(usize, Error)> {
     enum S<'a> {
         Never,
         Active {
@@ -611,19 +640,20 @@ fn violations(customer: &str, sequence: &[&Change], new: Option<usize>) -> Vec<(
                 version: in_force.version,
                 since: *start,
             }),
-            (S::Active { anchor, .. }, ChangeKind::Change | ChangeKind::Migrate)
-                if new == Some(i) && c.billing_anchor != *anchor =>
-            {
-                Some(Error::InvalidChange {
-                    change_id: c.change_id.clone(),
-                    field: "billing_anchor",
-                    reason: format!(
-                        "a {} keeps the subscription's anchor {} (got {})",
-                        c.kind,
-                        show(*anchor),
-                        show(c.billing_anchor)
-                    ),
-                })
+            (
+                S::Active {
+                    anchor,
+                    current: in_force,
+                    ..
+                },
+                ChangeKind::Change | ChangeKind::Migrate,
+            ) if c.billing_anchor != anchor_after(in_force, *anchor, c, catalog) => {
+                Some(anchor_error(
+                    &c.change_id,
+                    c.kind,
+                    anchor_after(in_force, *anchor, c, catalog),
+                    c.billing_anchor,
+                ))
             }
             (S::Active { .. }, _) | (S::Never | S::Cancelled(_), ChangeKind::Create) => None,
             (S::Never, _) => Some(
@@ -649,13 +679,11 @@ fn violations(customer: &str, sequence: &[&Change], new: Option<usize>) -> Vec<(
         }
         state = match (state, c.kind) {
             (_, ChangeKind::Cancel) => S::Cancelled(c.effective_at),
-            (S::Active { start, anchor, .. }, ChangeKind::Change | ChangeKind::Migrate) => {
-                S::Active {
-                    start,
-                    current: c,
-                    anchor,
-                }
-            }
+            (S::Active { start, .. }, ChangeKind::Change | ChangeKind::Migrate) => S::Active {
+                start,
+                current: c,
+                anchor: c.billing_anchor,
+            },
             _ => S::Active {
                 start: c.effective_at,
                 current: c,
@@ -763,6 +791,43 @@ fn derived_id(new: &NewChange, plan: &str, version: u32, anchor: Option<OffsetDa
         h.update(part.as_bytes());
     }
     format!("auto-{}", &hex::encode(h.finalize())[..32])
+}
+
+/// The anchor a change or migrate must carry, `in_force` (anchored at `anchor`) being the
+/// change in force before it: the same anchor, or the change's own instant when it moves to
+/// another billing interval. Monthly periods cannot hold a yearly plan's segment (nor the
+/// reverse), so the period in force then ends at the change, like a cancel, and the new
+/// interval's periods start there. A plan version missing from the catalog keeps the anchor.
+pub fn anchor_after(
+    in_force: &Change,
+    anchor: OffsetDateTime,
+    change: &Change,
+    catalog: &Catalog,
+) -> OffsetDateTime {
+    let interval = |c: &Change| catalog.version(&c.plan, c.version).map(|v| v.interval());
+    match (interval(in_force), interval(change)) {
+        (Some(before), Some(after)) if before != after => change.effective_at,
+        _ => anchor,
+    }
+}
+
+fn anchor_error(
+    change_id: &str,
+    kind: ChangeKind,
+    expected: OffsetDateTime,
+    got: OffsetDateTime,
+) -> Error {
+    Error::InvalidChange {
+        change_id: change_id.to_owned(),
+        field: "billing_anchor",
+        reason: format!(
+            "a {kind} is anchored at {} (the subscription's anchor, or the change itself when \
+             it moves to another billing interval), not {}; cancel and subscribe again to move \
+             it",
+            show(expected),
+            show(got)
+        ),
+    }
 }
 
 fn show(t: OffsetDateTime) -> String {
@@ -1092,28 +1157,58 @@ mod tests {
     }
 
     #[test]
-    fn an_interval_change_keeps_the_anchor() {
+    fn an_interval_change_anchors_the_subscription_again() {
         let anchor = datetime!(2025-01-31 9:00 UTC);
+        let to_yearly = datetime!(2025-03-15 0:00 UTC);
         let t = build(vec![
-            create("basic", datetime!(2025-01-31 9:00 UTC)),
-            change("annual", datetime!(2025-03-15 0:00 UTC)),
+            create("basic", anchor),
+            change("basic", datetime!(2025-02-10 0:00 UTC)).version(1),
+            change("annual", to_yearly),
         ]);
-        let c = t.at(datetime!(2025-06-01 0:00 UTC)).expect("in force");
-        assert_eq!((c.plan.as_str(), c.version), ("annual", 1));
-        assert_eq!(c.billing_anchor, anchor);
+        // A change within the interval keeps the anchor; the move to yearly starts the
+        // yearly periods at its own instant.
+        let anchors: Vec<_> = t.changes().iter().map(|c| c.billing_anchor).collect();
+        assert_eq!(anchors, [anchor, anchor, to_yearly]);
+        let s = t.status(datetime!(2025-06-01 0:00 UTC)).expect("in force");
+        assert_eq!((s.plan.as_str(), s.billing_anchor), ("annual", to_yearly));
         assert_eq!(
             catalog().version("annual", 1).map(|v| v.interval()),
             Some(crate::Interval::Yearly)
         );
-        // An explicit anchor on create, kept through the change.
+
+        // And back to monthly: anchored again at that change.
+        let back = datetime!(2025-09-01 12:00 UTC);
         let t = build(vec![
-            create("basic", datetime!(2025-02-03 0:00 UTC)).anchor(datetime!(2025-02-01 0:00 UTC)),
-            change("annual", datetime!(2025-03-15 0:00 UTC)),
+            create("basic", anchor),
+            change("annual", to_yearly),
+            change("basic", back),
         ]);
+        let anchors: Vec<_> = t.changes().iter().map(|c| c.billing_anchor).collect();
+        assert_eq!(anchors, [anchor, to_yearly, back]);
+
+        // Naming another anchor for an interval change is refused, naming the one it takes.
+        let t = build(vec![create("basic", anchor)]);
+        let e = refused(&t, change("annual", to_yearly).anchor(anchor));
+        assert!(
+            e.to_string()
+                .contains("a change is anchored at 2025-03-15T00:00:00Z"),
+            "{e}"
+        );
         assert!(t
-            .changes()
-            .iter()
-            .all(|c| c.billing_anchor == datetime!(2025-02-01 0:00 UTC)));
+            .admit(
+                change("annual", to_yearly).anchor(to_yearly),
+                catalog(),
+                NOW
+            )
+            .is_ok());
+
+        // An interval change inserted before a later change would move that one's anchor.
+        let t = build(vec![
+            create("basic", anchor),
+            change("basic", datetime!(2025-05-01 0:00 UTC)).version(2),
+        ]);
+        let e = refused(&t, change("annual", to_yearly));
+        assert!(matches!(e, Error::Invalidates { .. }), "{e}");
     }
 
     #[test]

@@ -7,12 +7,55 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use tally_rater::run;
+use tally_rater::subscription::Admission;
 use tally_rater::{
-    period_containing, Catalog, Change, ChangeKind, Decimal, Interval, Invoice, PlanVersion,
-    Segment, Timeline,
+    period_containing, Catalog, Change, ChangeKind, Decimal, Interval, Invoice, NewChange,
+    PlanVersion, Segment, Timeline,
 };
 use time::macros::datetime;
 use time::OffsetDateTime;
+
+/// A yearly plan: $1,200 a year and 1,000,000 requests included per full year.
+const ANNUAL: &str = r#"
+plan = "annual"
+version = 1
+currency = "USD"
+interval = "yearly"
+
+[[charges]]
+id = "platform"
+type = "flat"
+price = "1200.00"
+
+[[charges]]
+id = "requests"
+type = "usage"
+meter = "requests"
+included = "1000000"
+model = "per_unit"
+price = "0.001"
+"#;
+
+/// `config/plans` and the yearly plan above, as one catalog.
+fn catalog_with_annual() -> Catalog {
+    let dir = std::env::temp_dir().join(format!("tally-golden-plans-{}", std::process::id()));
+    let plans = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/plans");
+    for entry in std::fs::read_dir(&plans).expect("config/plans") {
+        let folder = entry.expect("entry").path();
+        let name = folder.file_name().expect("name").to_owned();
+        std::fs::create_dir_all(dir.join(&name)).expect("plan folder");
+        for file in std::fs::read_dir(&folder).expect("plan folder") {
+            let file = file.expect("file").path();
+            std::fs::copy(&file, dir.join(&name).join(file.file_name().expect("name")))
+                .expect("copy");
+        }
+    }
+    std::fs::create_dir_all(dir.join("annual")).expect("plan folder");
+    std::fs::write(dir.join("annual/v1.toml"), ANNUAL).expect("annual plan");
+    let catalog = Catalog::load_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::remove_dir_all(&dir).ok();
+    catalog
+}
 
 fn catalog() -> Catalog {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/plans");
@@ -379,29 +422,8 @@ fn a_partial_february_in_a_leap_year_and_a_common_one() {
 /// March 1 of a leap year with the anchor on January 1: 306 of the year's 366 days.
 #[test]
 fn a_yearly_plan_started_mid_year_in_a_leap_year() {
-    let annual = PlanVersion::parse(
-        Path::new("annual/v1.toml"),
-        br#"
-plan = "annual"
-version = 1
-currency = "USD"
-interval = "yearly"
-
-[[charges]]
-id = "platform"
-type = "flat"
-price = "1200.00"
-
-[[charges]]
-id = "requests"
-type = "usage"
-meter = "requests"
-included = "1000000"
-model = "per_unit"
-price = "0.001"
-"#,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let annual = PlanVersion::parse(Path::new("annual/v1.toml"), ANNUAL.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
     let period = period_containing(
         datetime!(2024-01-01 0:00 UTC),
         Interval::Yearly,
@@ -534,6 +556,114 @@ fn several_changes_in_one_period() {
     let shares: Vec<_> = inv.segments.iter().map(|s| s.seconds.to_string()).collect();
     assert_eq!(shares, ["604800", "1036800", "432000"]);
     check("several_changes_in_may.json", &json(&inv));
+}
+
+/// Monthly starter from January 31, yearly from March 15, monthly again from September 1.
+/// Monthly periods cannot hold a yearly segment, so each interval change ends the period in
+/// force there (its fees prorated, like a cancel) and anchors the new interval's periods at
+/// the change; each new period's invoice adjusts the cut period's late usage.
+#[test]
+fn interval_changes_cut_the_period_and_anchor_the_new_interval() {
+    let c = catalog_with_annual();
+    let anchor = datetime!(2025-01-31 0:00 UTC);
+    let (to_yearly, to_monthly) = (
+        datetime!(2025-03-15 0:00 UTC),
+        datetime!(2025-09-01 0:00 UTC),
+    );
+    let mut t = Timeline::new("cus", []);
+    for (i, request) in [
+        NewChange::create("t", "cus", "starter", anchor),
+        NewChange::change("t", "cus", "annual", to_yearly),
+        NewChange::change("t", "cus", "starter", to_monthly),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let recorded = datetime!(2025-01-01 0:00 UTC) + time::Duration::seconds(i as i64);
+        let Admission::New(change) = t.admit(request, &c, recorded).expect("admitted") else {
+            panic!("not a duplicate");
+        };
+        let mut log = t.into_changes();
+        log.push(change);
+        t = Timeline::new("cus", log);
+    }
+    let anchors: Vec<_> = t.changes().iter().map(|c| c.billing_anchor).collect();
+    assert_eq!(anchors, [anchor, to_yearly, to_monthly]);
+
+    // [Feb 28, Mar 31) on starter until March 15: 15 of 31 days.
+    let cut = invoice_at(
+        &c,
+        &t,
+        datetime!(2025-03-10 0:00 UTC),
+        &[&[("requests", "12000")]],
+    );
+    assert_eq!(
+        (cut.period_start, cut.period_end),
+        (
+            datetime!(2025-02-28 0:00 UTC),
+            datetime!(2025-03-31 0:00 UTC)
+        )
+    );
+    assert_eq!(cut.segments[0].to, to_yearly);
+    // 9.00 × 15/31 = 4.354… → 4.35; allowance 4838.709677419; 7161.290322581 × 0.0005 →
+    // 3.58; no tokens.
+    assert_eq!(amounts(&cut), ["4.35", "3.58", "0.00"]);
+    assert_eq!(cut.total.to_string(), "7.93");
+
+    // The first yearly period starts at the change; it adjusts the cut period's late usage.
+    let placed = run::billable(&t, &c, datetime!(2025-06-01 0:00 UTC))
+        .expect("in force")
+        .expect("placed");
+    assert_eq!(
+        (placed.period.start(), placed.period.end()),
+        (to_yearly, datetime!(2026-03-15 0:00 UTC))
+    );
+    assert_eq!(placed.segments.last().map(|s| s.to), Some(to_monthly));
+    assert_eq!(
+        placed.previous.map(|p| (p.start(), p.end())),
+        Some((
+            datetime!(2025-02-28 0:00 UTC),
+            datetime!(2025-03-31 0:00 UTC)
+        ))
+    );
+    let yearly = invoice_at(
+        &c,
+        &t,
+        datetime!(2025-06-01 0:00 UTC),
+        &[&[("requests", "500000")]],
+    );
+    assert_eq!(
+        (yearly.period_start, yearly.period_end),
+        (to_yearly, datetime!(2026-03-15 0:00 UTC))
+    );
+    // [Mar 15, Sep 1) is 170 of 365 days: 1200.00 × 170/365 = 558.904… → 558.90;
+    // allowance 1000000 × 170/365 = 465753.424657534, (500000 − that) × 0.001 → 34.25.
+    assert_eq!(amounts(&yearly), ["558.90", "34.25"]);
+    assert_eq!(
+        yearly.lines[1].included.map(|d| d.to_string()).as_deref(),
+        Some("465753.424657534")
+    );
+
+    // Back to monthly: September is a whole starter month.
+    let september = invoice_at(&c, &t, datetime!(2025-09-10 0:00 UTC), &[&[]]);
+    assert_eq!(
+        (september.period_start, september.period_end),
+        (to_monthly, datetime!(2025-10-01 0:00 UTC))
+    );
+    assert_eq!(amounts(&september), ["9.00", "0.00", "0.00"]);
+
+    // The cut period closes at the change, not at its nominal end: a final run a day after
+    // the change (24 hours' grace) finds it.
+    let closed = run::last_closed(
+        &t,
+        &c,
+        datetime!(2025-03-16 0:00 UTC),
+        time::Duration::hours(24),
+    )
+    .expect("a closed period")
+    .expect("placed");
+    assert_eq!(closed.period.start(), datetime!(2025-02-28 0:00 UTC));
+    assert_eq!(closed.segments.len(), 1);
 }
 
 #[test]

@@ -85,6 +85,7 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
             customer: "alpha".into(),
             period,
             segments: vec![segment(start, end, "starter", 1)],
+            previous: None,
         },
         // An upgrade inside an hour: usage split at the instant, each part priced by its plan.
         Billable {
@@ -94,16 +95,19 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
                 segment(start, change, "starter", 1),
                 segment(change, end, "pro", 2),
             ],
+            previous: None,
         },
         Billable {
             customer: "it's".into(),
             period,
             segments: vec![segment(start, end, "pro", 1)],
+            previous: None,
         },
         Billable {
             customer: "gamma?".into(),
             period,
             segments: vec![segment(start, end, "pro", 9)],
+            previous: None,
         },
     ];
 
@@ -242,6 +246,7 @@ async fn previews_price_the_stored_usage_and_finals_are_stored_once() {
                 customer: b.customer.clone(),
                 period: next,
                 segments: vec![segment(next.start(), next.end(), &last.plan, last.version)],
+                previous: None,
             }
         })
         .collect();
@@ -320,6 +325,7 @@ async fn final_invoices_reach_the_topic_once_each() {
         customer: customer.into(),
         period,
         segments: vec![segment(period.start(), period.end(), plan, version)],
+        previous: None,
     };
     let batch = vec![billable("alpha", "starter", 1), billable("beta", "pro", 2)];
 
@@ -504,6 +510,7 @@ async fn invoices_stored_in_earlier_layouts_and_lines_left_by_a_dead_run_read_ri
         customer: customer.into(),
         period,
         segments: vec![segment(period.start(), period.end(), plan, version)],
+        previous: None,
     };
     let batch = vec![
         billable("alpha", "starter", 1),
@@ -1053,6 +1060,7 @@ async fn the_schedule_finalizes_each_customers_latest_closed_period_once() {
         customer: "alpha".into(),
         period: october,
         segments: vec![segment(october.start(), october.end(), "starter", 1)],
+        previous: None,
     };
     let run = InvoiceRun::new(&db, reader);
     let preview = run

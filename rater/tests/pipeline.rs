@@ -581,6 +581,7 @@ async fn usage_through_the_pipeline_ends_in_the_expected_invoice_lines() {
                 customer: c.name.clone(),
                 period,
                 segments: c.segments.clone(),
+                previous: None,
             })
             .collect();
         b.sort_by(|x, y| x.customer.cmp(&y.customer));
