@@ -386,9 +386,9 @@ impl Invoice {
 
     /// The lines as CSV (RFC 4180: CRLF line ends, fields quoted when they hold a comma,
     /// quote or line break), one row per line under a fixed header; the tier breakdown is
-    /// left to the JSON form.
+    /// left to the JSON form. `adjusts` names the invoice an adjustment line corrects.
     pub fn to_csv(&self) -> String {
-        const HEADER: [&str; 17] = [
+        const HEADER: [&str; 18] = [
             "customer",
             "period_start",
             "period_end",
@@ -406,6 +406,7 @@ impl Invoice {
             "packages",
             "minimum",
             "amount",
+            "adjusts",
         ];
         let time = |t: OffsetDateTime| {
             t.format(&Rfc3339)
@@ -436,6 +437,7 @@ impl Invoice {
                     dec(line.packages),
                     dec(line.minimum),
                     line.amount.to_string(),
+                    line.adjusts.clone().unwrap_or_default(),
                 ],
             );
         }
@@ -850,11 +852,21 @@ tiers = [{ up_to = "1000", unit_price = "0.002" }, { unit_price = "0.001" }]
         assert_eq!(
             rows[0],
             "customer,period_start,period_end,currency,segment,plan,version,kind,charge,meter,\
-             quantity,included,billable_quantity,unit_price,packages,minimum,amount"
+             quantity,included,billable_quantity,unit_price,packages,minimum,amount,adjusts"
         );
         assert_eq!(
             rows[2],
-            "\"acme, \"\"inc\"\"\",2025-01-01T00:00:00Z,2025-02-01T00:00:00Z,USD,0,basic,1,usage,req,requests,800,1000,0,0.01,,,0.00"
+            "\"acme, \"\"inc\"\"\",2025-01-01T00:00:00Z,2025-02-01T00:00:00Z,USD,0,basic,1,usage,req,requests,800,1000,0,0.01,,,0.00,"
+        );
+        // An adjustment line names the invoice it corrects.
+        let mut adjusted = inv.clone();
+        let mut line = adjusted.lines[1].clone();
+        line.adjusts = Some("t/acme/1735689600".into());
+        adjusted.add_adjustments(vec![line]).expect("adjusted");
+        let last = adjusted.to_csv();
+        assert!(
+            last.trim_end().ends_with(",0.00,t/acme/1735689600"),
+            "{last}"
         );
         assert_eq!(
             rows.len(),
