@@ -332,7 +332,8 @@ async fn daily_rollups_hold_what_their_hours_hold() {
     let c = config("daily");
     let all = migrate::load(&migrate::default_dir()).expect("load");
     let before: Vec<Migration> = all.iter().filter(|m| m.version < 11).cloned().collect();
-    assert_eq!(before.len() + 1, all.len(), "V11 is the newest migration");
+    let all: Vec<Migration> = all.into_iter().filter(|m| m.version <= 11).collect();
+    assert_eq!(before.len() + 1, all.len(), "V11 is there");
     migrate::apply(&c, &before).await.expect("apply up to V10");
     let db = migrate::client(&c);
     let insert = |rows: &str| {

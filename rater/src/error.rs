@@ -207,6 +207,22 @@ pub enum Error {
     /// rerun of the migration publishes them again.
     #[error("kafka: {0}")]
     Kafka(String),
+    /// A published plan version's file changed (`plan_versions`, V12): versions are
+    /// immutable.
+    #[error(
+        "{}: plan {plan:?} v{version} was published with digest {published} (first loaded {}); \
+         this file's digest is {found}: publish the change as a new version",
+        file.display(),
+        rfc3339(first_seen)
+    )]
+    PlanVersionChanged {
+        file: PathBuf,
+        plan: String,
+        version: u32,
+        published: String,
+        first_seen: OffsetDateTime,
+        found: String,
+    },
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] clickhouse::error::Error),
     #[error("clickhouse did not answer within {0:?}")]

@@ -382,7 +382,8 @@ async fn run(args: anyhow::Result<Args>) -> anyhow::Result<()> {
                 }
             };
             change.version = args.version()?;
-            let recorded = store.record(&plans()?, args.audit(change)).await?;
+            let plans = published(&store, plans()?).await?;
+            let recorded = store.record(&plans, args.audit(change)).await?;
             out.recorded(&recorded)?;
             notify(&config, recorded.change()).await;
         }
@@ -407,11 +408,27 @@ async fn run(args: anyhow::Result<Args>) -> anyhow::Result<()> {
             let changes = store.history(args.required("tenant")?, customer).await?;
             out.history(customer, &changes)?;
         }
-        "invoice" => invoice(&args, &config, &plans()?).await?,
-        "migrate-plan" => migrate_plan(&args, &config, &store, &plans()?, &out).await?,
+        "invoice" => invoice(&args, &config, &published(&store, plans()?).await?).await?,
+        "migrate-plan" => {
+            let plans = published(&store, plans()?).await?;
+            migrate_plan(&args, &config, &store, &plans, &out).await?
+        }
         other => unreachable!("command {other} is in COMMANDS"),
     }
     Ok(())
+}
+
+/// The catalog, once checked against the plan versions already published and with its new
+/// versions recorded: a published version whose file changed is refused.
+async fn published(store: &SubscriptionStore, catalog: Catalog) -> anyhow::Result<Catalog> {
+    let new = store
+        .publish_plans(&catalog, OffsetDateTime::now_utc())
+        .await
+        .context("checking the plans against the published versions")?;
+    if new > 0 {
+        tracing::info!(new, "plan versions published");
+    }
+    Ok(catalog)
 }
 
 /// `price`: one invoice from a plan file and quantities; reads no config and no store.
@@ -569,7 +586,8 @@ async fn serve(config: &Config, plans: Catalog) -> anyhow::Result<()> {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
     }
-    let plans = std::sync::Arc::new(plans);
+    let plans =
+        std::sync::Arc::new(published(&SubscriptionStore::new(&config.clickhouse), plans).await?);
     let schedule = tally_rater::schedule::Schedule::from_config(config, plans.clone())?;
     let api = std::sync::Arc::new(tally_rater::http::Api::new(config, (*plans).clone()));
     let (stop_tx, stop) = tokio::sync::watch::channel(false);

@@ -76,6 +76,16 @@ struct ChangeRow {
     migration_id: String,
 }
 
+/// One row of `plan_versions` (V12).
+#[derive(Debug, Clone, clickhouse::Row, Serialize, Deserialize)]
+struct PlanVersionRow {
+    plan: String,
+    version: u32,
+    digest: String,
+    #[serde(with = "clickhouse::serde::time::datetime")]
+    first_seen: OffsetDateTime,
+}
+
 /// `Enum8('create' = 1, 'change' = 2, 'cancel' = 3, 'migrate' = 4)` in the migration.
 fn kind_code(kind: ChangeKind) -> i8 {
     match kind {
@@ -162,6 +172,69 @@ impl SubscriptionStore {
         tokio::time::timeout(self.timeout, f)
             .await
             .map_err(|_| Error::Timeout(self.timeout))?
+    }
+
+    /// Checks the catalog against the plan versions already published (`plan_versions`,
+    /// V12) and records the new ones with their digests, first seen `now`. A version whose
+    /// file changed since it was published is refused ([`Error::PlanVersionChanged`]):
+    /// invoices and entitlements already computed from it would no longer be reproducible.
+    /// Returns how many versions were new.
+    pub async fn publish_plans(&self, catalog: &Catalog, now: OffsetDateTime) -> Result<usize> {
+        let rows: Vec<PlanVersionRow> = self
+            .bounded(async {
+                Ok(self
+                    .client
+                    .query(
+                        "SELECT plan, version, digest, first_seen FROM plan_versions \
+                         ORDER BY plan, version, first_seen, digest",
+                    )
+                    .fetch_all()
+                    .await?)
+            })
+            .await?;
+        let mut published: BTreeMap<(String, u32), PlanVersionRow> = BTreeMap::new();
+        for r in rows {
+            published.entry((r.plan.clone(), r.version)).or_insert(r);
+        }
+        let mut new = Vec::new();
+        for plan in catalog.plans() {
+            for v in catalog.versions(plan) {
+                match published.get(&(plan.to_owned(), v.version())) {
+                    Some(p) if p.digest != v.digest() => {
+                        return Err(Error::PlanVersionChanged {
+                            file: v.file().to_path_buf(),
+                            plan: plan.to_owned(),
+                            version: v.version(),
+                            published: p.digest.clone(),
+                            first_seen: p.first_seen,
+                            found: v.digest().to_owned(),
+                        })
+                    }
+                    Some(_) => {}
+                    None => new.push(PlanVersionRow {
+                        plan: plan.to_owned(),
+                        version: v.version(),
+                        digest: v.digest().to_owned(),
+                        first_seen: whole_seconds(now),
+                    }),
+                }
+            }
+        }
+        if !new.is_empty() {
+            self.bounded(async {
+                let mut insert = self
+                    .client
+                    .insert::<PlanVersionRow>("plan_versions")
+                    .await?;
+                for row in &new {
+                    insert.write(row).await?;
+                }
+                insert.end().await?;
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(new.len())
     }
 
     /// Records one change for its customer, now (`recorded_at` is this machine's clock).

@@ -755,3 +755,91 @@ async fn cli_invoice_preview_and_final() {
         text(&out)
     );
 }
+
+/// A plan folder of its own: `p` v1 (and v2 when given), monthly, one flat fee each.
+fn plan_folder(name: &str, fees: &[&str]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(common::unique(name));
+    std::fs::create_dir_all(dir.join("p")).expect("plan folder");
+    for (i, fee) in fees.iter().enumerate() {
+        let text = format!(
+            "plan = \"p\"\nversion = {}\ncurrency = \"USD\"\ninterval = \"monthly\"\n\
+             [[charges]]\nid = \"fee\"\ntype = \"flat\"\nprice = \"{fee}\"\n",
+            i + 1
+        );
+        std::fs::write(dir.join(format!("p/v{}.toml", i + 1)), text).expect("plan file");
+    }
+    dir
+}
+
+#[tokio::test]
+async fn a_published_plan_version_cannot_change_under_its_number() {
+    let db = Db::new("published").await;
+    let store = db.store();
+    let at = datetime!(2025-06-01 0:00 UTC);
+    let dir = plan_folder("published", &["10.00"]);
+    let v1 = Catalog::load_dir(&dir).expect("catalog");
+    assert_eq!(store.publish_plans(&v1, at).await.expect("first"), 1);
+    assert_eq!(store.publish_plans(&v1, at).await.expect("again"), 0);
+
+    // v1's price edited in place: refused, naming the file, the version and both digests.
+    let edited = plan_folder("published-edited", &["12.00"]);
+    let changed = Catalog::load_dir(&edited).expect("catalog");
+    let e = store
+        .publish_plans(&changed, at)
+        .await
+        .expect_err("v1 changed");
+    let text = e.to_string();
+    assert!(matches!(e, Error::PlanVersionChanged { .. }), "{text}");
+    assert!(
+        text.contains("p/v1.toml: plan \"p\" v1 was published with digest")
+            && text.contains(v1.version("p", 1).expect("v1").digest())
+            && text.contains(changed.version("p", 1).expect("v1").digest())
+            && text.contains("first loaded 2025-06-01T00:00:00Z"),
+        "{text}"
+    );
+    // The change published as v2 is taken; v1 as published stays.
+    let next = plan_folder("published-v2", &["10.00", "12.00"]);
+    let v2 = Catalog::load_dir(&next).expect("catalog");
+    assert_eq!(store.publish_plans(&v2, at).await.expect("v2"), 1);
+    let rows = db
+        .client
+        .query("SELECT count() FROM plan_versions")
+        .fetch_one::<u64>()
+        .await
+        .expect("count");
+    assert_eq!(rows, 2);
+
+    // The CLI refuses to record against the edited catalog, and records nothing.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally-rater"))
+        .arg("--config")
+        .arg(repo("config/tally.dev.toml"))
+        .arg("--plans")
+        .arg(&edited)
+        .args([
+            "subscribe",
+            "--tenant",
+            "demo",
+            "--customer",
+            "c1",
+            "--plan",
+            "p",
+            "--start",
+            "2025-06-01T00:00:00Z",
+        ])
+        .env_remove("TALLY_CONFIG")
+        .env("TALLY_CLICKHOUSE_URL", &db.config.url)
+        .env("TALLY_CLICKHOUSE_DATABASE", &db.config.database)
+        .output()
+        .await
+        .expect("tally-rater runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("publish the change as a new version"),
+        "{stderr}"
+    );
+    assert_eq!(db.rows().await, 0);
+    for d in [dir, edited, next] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}
