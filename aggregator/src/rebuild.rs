@@ -98,7 +98,15 @@ pub async fn rebuild(
                     now,
                 ));
                 let rows = body.rows();
-                store.insert_body(body).await?;
+                let query_id = format!(
+                    "tally-rebuild-{}-{}",
+                    std::process::id(),
+                    OffsetDateTime::now_utc().unix_timestamp_nanos()
+                );
+                if let Err(e) = store.insert_body(body, &query_id).await {
+                    settle(store, &query_id).await;
+                    return Err(e);
+                }
                 report.rows += rows;
                 report.ranges += 1;
                 start = stop + 1;
@@ -106,6 +114,21 @@ pub async fn rebuild(
         }
     }
     Ok(report)
+}
+
+/// After a failed insert, waits (up to a minute) until ClickHouse no longer runs it, so a
+/// rebuild run again reads coverage that holds the insert if it landed after all.
+async fn settle(store: &Store, query_id: &str) {
+    for _ in 0..60 {
+        if let Ok(true) = store.settled(query_id).await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    tracing::warn!(
+        query_id,
+        "a failed rebuild insert may still be running in clickhouse: let it end before running the rebuild again"
+    );
 }
 
 fn record(raw: &RawEvent) -> Event<'_> {

@@ -446,9 +446,10 @@ impl Aggregator {
             return;
         }
         let rows = body.rows();
+        let query_id = flush_query_id();
         let result = if dlq_ok {
             self.rt
-                .block_on(self.store.insert_body(body))
+                .block_on(self.store.insert_body(body, &query_id))
                 .map_err(|e| e.to_string())
         } else {
             Err("dead-letter topic did not acknowledge".to_owned())
@@ -482,14 +483,21 @@ impl Aggregator {
                 metrics::counter!(CLICKHOUSE_ERRORS, "operation" => "flush").increment(1);
                 tracing::error!(error = %e, rows, "flush failed; rewinding to the checkpoints");
                 self.status.clickhouse_ok.store(false, Ordering::Release);
-                self.recover(consumer, parts);
+                self.recover(consumer, parts, Some(&query_id));
             }
         }
     }
 
-    /// Drops every pending batch (their records are still in Kafka), waits for ClickHouse,
-    /// then restarts each partition from the checkpoint ClickHouse holds.
-    fn recover(&self, consumer: &BaseConsumer<Ctx>, parts: &mut HashMap<i32, Part>) {
+    /// Drops every pending batch (their records are still in Kafka), waits for ClickHouse
+    /// and for the failed flush's INSERT (`failed`) to have ended there, then restarts each
+    /// partition from the checkpoint ClickHouse holds. Reading the checkpoints while that
+    /// INSERT may still land would count its records twice.
+    fn recover(
+        &self,
+        consumer: &BaseConsumer<Ctx>,
+        parts: &mut HashMap<i32, Part>,
+        failed: Option<&str>,
+    ) {
         for part in parts.values_mut() {
             part.batch = PartitionBatch::default();
         }
@@ -507,21 +515,32 @@ impl Aggregator {
             for part in parts.values_mut() {
                 part.batch = PartitionBatch::default();
             }
-            let reloaded: crate::store::Result<(HashMap<i32, i64>, HashMap<i32, Dedupe>)> =
-                self.rt.block_on(async {
-                    let checkpoints = self.store.checkpoints(&self.config.kafka.topic).await?;
-                    let since = {
-                        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                        (now - self.config.aggregator.dedupe_window_secs as i64).max(0) as u32
-                    };
-                    let mut dedupes = HashMap::new();
-                    for &p in parts.keys() {
-                        dedupes.insert(p, self.store.load_dedupe(p, since).await?);
+            let reloaded: crate::store::Result<Option<Reloaded>> = self.rt.block_on(async {
+                if let Some(id) = failed {
+                    if !self.store.settled(id).await? {
+                        return Ok(None);
                     }
-                    Ok((checkpoints, dedupes))
-                });
+                }
+                let checkpoints = self.store.checkpoints(&self.config.kafka.topic).await?;
+                let since = {
+                    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                    (now - self.config.aggregator.dedupe_window_secs as i64).max(0) as u32
+                };
+                let mut dedupes = HashMap::new();
+                for &p in parts.keys() {
+                    dedupes.insert(p, self.store.load_dedupe(p, since).await?);
+                }
+                Ok(Some((checkpoints, dedupes)))
+            });
             match reloaded {
-                Ok((checkpoints, dedupes)) => {
+                Ok(None) => {
+                    tracing::warn!(
+                        query_id = failed.unwrap_or_default(),
+                        "the failed flush is still running in clickhouse; waiting for it to end"
+                    );
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Ok(Some((checkpoints, dedupes))) => {
                     for (p, dedupe) in dedupes {
                         let offset = checkpoints
                             .get(&p)
@@ -561,6 +580,20 @@ impl Aggregator {
             }
         }
     }
+}
+
+/// Checkpoints and dedupe state, per partition, as ClickHouse holds them.
+type Reloaded = (HashMap<i32, i64>, HashMap<i32, Dedupe>);
+
+/// A name for one flush's INSERT, unique across processes and restarts.
+fn flush_query_id() -> String {
+    static FLUSHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "tally-flush-{}-{}-{}",
+        std::process::id(),
+        time::OffsetDateTime::now_utc().unix_timestamp_nanos(),
+        FLUSHES.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The record count that triggers a flush: the configured bound, lowered if needed so that

@@ -90,20 +90,41 @@ impl Store {
     }
 
     /// Writes one flush as a single INSERT of one Native block (so one atomic write
-    /// through the ledger's views).
-    pub async fn insert_body(&self, body: Body) -> Result<()> {
+    /// through the ledger's views). `query_id` names the INSERT in ClickHouse: after a
+    /// failure, [`Store::settled`] says when it can no longer land.
+    pub async fn insert_body(&self, body: Body, query_id: &str) -> Result<()> {
         if body.is_empty() {
             return Ok(());
         }
         self.bounded(async {
-            let mut insert = self.client.insert_formatted_with(format!(
-                "INSERT INTO ingest_ledger ({COLUMNS}) FORMAT Native"
-            ));
+            let mut insert = self
+                .client
+                .insert_formatted_with(format!(
+                    "INSERT INTO ingest_ledger ({COLUMNS}) FORMAT Native"
+                ))
+                .with_setting("query_id", query_id);
             for chunk in body.into_chunks() {
                 insert.send(bytes::Bytes::from(chunk)).await?;
             }
             insert.end().await?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Whether ClickHouse runs no query named `query_id` any more. An INSERT the client gave
+    /// up on (a timeout, a lost connection) may still be running on the server and still
+    /// land; the checkpoints say what landed only once it has ended, so a rewind waits for
+    /// this first.
+    pub async fn settled(&self, query_id: &str) -> Result<bool> {
+        self.bounded(async {
+            let running: u64 = self
+                .client
+                .query("SELECT count() FROM system.processes WHERE query_id = ?")
+                .bind(query_id)
+                .fetch_one()
+                .await?;
+            Ok(running == 0)
         })
         .await
     }
