@@ -366,6 +366,26 @@ async fn exactly_once_across_sigkills_at_random_points() {
         expected_totals(&events),
         "totals after 4 SIGKILLs must equal the independent computation"
     );
+    // Every rollup, not only the totals: each meter (every aggregation) per hour, customer
+    // and dimension value. Event times spread over 72 hours in every chunk, so most chunks
+    // bring late events to hours flushed before a kill.
+    for (meter, dim) in [
+        ("requests", Some("endpoint")),
+        ("tokens", Some("model")),
+        ("latency_min", Some("endpoint")),
+        ("latency_max", Some("endpoint")),
+        ("storage_gb", None),
+        ("active_users", None),
+    ] {
+        let group = dim.map_or("customer".to_owned(), |d| format!("customer,{d}"));
+        let params = format!(
+            "meter={meter}&window=HOUR&group_by={group}&from=2026-03-27T00:00:00Z&to=2026-04-02T00:00:00Z"
+        );
+        let got = from_api(&instance.usage(&params).await);
+        let want = expected(&events, meter, |t: i64| t.div_euclid(3600) * 3600);
+        assert!(want.len() > 100, "{meter}: {} hours", want.len());
+        assert_eq!(got, want, "{meter} per hour after 4 SIGKILLs");
+    }
     let raw = clickhouse_sql(&format!(
         "SELECT count(), uniqExact(id) FROM {}.events_raw FORMAT TSV",
         pipeline.database
