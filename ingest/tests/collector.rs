@@ -221,12 +221,41 @@ async fn error_statuses_over_a_real_socket() {
     let url = format!("{base}/v1/events");
     let ev = r#"{"id":"e","customer":"c","type":"request"}"#;
 
+    let error = |r: &Reply| r.body["error"].as_str().unwrap_or_default().to_owned();
     let r = post(&url, "application/json", None, ev).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        error(&r),
+        "missing or unknown API key (Authorization: Bearer <key>)"
+    );
+    assert_eq!(r.headers["www-authenticate"], "Bearer");
     let r = post(&url, "application/json", Some("wrong"), ev).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        error(&r).starts_with("missing or unknown API key"),
+        "{}",
+        r.body
+    );
     let r = post(&url, "text/csv", Some("demo-key"), ev).await;
     assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(error(&r).contains("text/csv"), "{}", r.body);
+    assert_eq!(r.headers["content-type"], "application/json");
+
+    // Every event refused: 400 with the same body as a partial batch, each one named.
+    let bad = r#"[{"id":"b1","customer":"c","type":"completion","data":{"tokens":"x"}},
+                  {"id":"b2","customer":"c","type":"no-such-type"}]"#;
+    let r = post(&url, "application/json", Some("demo-key"), bad).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert_eq!(r.body["accepted"], 0, "{}", r.body);
+    let rejected = r.body["rejected"].as_array().expect("rejected list");
+    assert_eq!(rejected.len(), 2, "{}", r.body);
+    for (i, (id, field)) in [("b1", "data.tokens"), ("b2", "type")].iter().enumerate() {
+        assert_eq!(rejected[i]["index"], i, "{}", r.body);
+        assert_eq!(rejected[i]["id"], *id, "{}", r.body);
+        let e = rejected[i]["error"].as_str().expect("error");
+        assert!(e.starts_with(&format!("{field}: ")), "{e}");
+    }
+
     let r = post(&url, "application/json", Some("demo-key"), "[{\"id\":1,}]").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(
@@ -245,6 +274,7 @@ async fn error_statuses_over_a_real_socket() {
     )
     .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error(&r), "body larger than 65536 bytes");
 
     // A huge declared length is refused from the headers alone, before the body is sent.
     let mut s = tokio::net::TcpStream::connect(collector.addr())

@@ -84,7 +84,11 @@ pub async fn post(
         .expect("http");
     let status = resp.status();
     let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let bytes = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+        .await
+        .expect("whole body within 30 s")
+        .expect("body")
+        .to_bytes();
     let body = if bytes.is_empty() {
         serde_json::Value::Null
     } else {
@@ -102,17 +106,19 @@ pub async fn get(url: &str) -> (StatusCode, HeaderMap, String) {
     let req = Request::get(url)
         .body(Full::new(Bytes::new()))
         .expect("request");
-    match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
-        Ok(Ok(resp)) => {
-            let status = resp.status();
-            let headers = resp.headers().clone();
-            let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-            (
-                status,
-                headers,
-                String::from_utf8_lossy(&bytes).into_owned(),
-            )
-        }
+    let answer = async {
+        let resp = client.request(req).await.ok()?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.ok()?.to_bytes();
+        Some((
+            status,
+            headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        ))
+    };
+    match tokio::time::timeout(Duration::from_secs(10), answer).await {
+        Ok(Some(answered)) => answered,
         _ => (StatusCode::BAD_GATEWAY, HeaderMap::new(), String::new()),
     }
 }
