@@ -73,6 +73,16 @@ fn stream(seed: u64, n: usize, prefix: &str) -> Vec<Ev> {
 }
 
 /// The start of the day holding `t` at a fixed offset (seconds east of UTC).
+/// Every meter of the test config (one per aggregation), with the dimension it groups by.
+const METERS: [(&str, Option<&str>); 6] = [
+    ("requests", Some("endpoint")),
+    ("tokens", Some("model")),
+    ("latency_min", Some("endpoint")),
+    ("latency_max", Some("endpoint")),
+    ("storage_gb", None),
+    ("active_users", None),
+];
+
 fn fixed(off: i64) -> impl Fn(i64) -> i64 {
     move |t| (t + off).div_euclid(86_400) * 86_400 - off
 }
@@ -195,15 +205,7 @@ async fn golden_totals_per_aggregation_dimension_and_time_zone() {
     produce(&producer, &pipeline.topic, &events).await;
     pipeline.wait_caught_up(Duration::from_secs(60)).await;
 
-    let meters = [
-        ("requests", Some("endpoint")),
-        ("tokens", Some("model")),
-        ("latency_min", Some("endpoint")),
-        ("latency_max", Some("endpoint")),
-        ("storage_gb", None),
-        ("active_users", None),
-    ];
-    for (meter, dim) in meters {
+    for (meter, dim) in METERS {
         let zones: [(&str, &dyn Fn(i64) -> i64); 4] = [
             ("UTC", &fixed(0)),
             ("%2B02:00", &fixed(7200)),
@@ -369,14 +371,7 @@ async fn exactly_once_across_sigkills_at_random_points() {
     // Every rollup, not only the totals: each meter (every aggregation) per hour, customer
     // and dimension value. Event times spread over 72 hours in every chunk, so most chunks
     // bring late events to hours flushed before a kill.
-    for (meter, dim) in [
-        ("requests", Some("endpoint")),
-        ("tokens", Some("model")),
-        ("latency_min", Some("endpoint")),
-        ("latency_max", Some("endpoint")),
-        ("storage_gb", None),
-        ("active_users", None),
-    ] {
+    for (meter, dim) in METERS {
         let group = dim.map_or("customer".to_owned(), |d| format!("customer,{d}"));
         let params = format!(
             "meter={meter}&window=HOUR&group_by={group}&from=2026-03-27T00:00:00Z&to=2026-04-02T00:00:00Z"
@@ -570,6 +565,75 @@ async fn a_killed_member_s_partitions_move_to_the_survivor_and_totals_stay_exact
         expected_totals(&events)
     );
     a.stop().await;
+    pipeline.drop_database().await;
+}
+
+/// A member frozen (SIGSTOP) past its session timeout while it holds records it has not
+/// flushed, then woken (SIGCONT): nothing is lost and nothing counted twice. On Apache Kafka
+/// the group hands a frozen member's partitions to the others after the session timeout;
+/// tansu 0.6.0 instead stalls the whole group until the member is back (the other member
+/// loses its own partitions too), and the woken member's client then finds its session
+/// expired, gives up its partitions (dropping what it held) and rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_frozen_past_its_session_and_woken_keeps_totals_exact() {
+    let pipeline = Pipeline::new("frozen");
+    // Batches held for 4 s, so the member surely holds some when it is frozen.
+    pipeline.set_config(&format!(
+        "{}\n[aggregator]\nflush_interval_ms = 4000\n",
+        pipeline.config_text()
+    ));
+    let events = stream(31, 9000, "z");
+    let producer = producer();
+    let a = pipeline.start(0).await;
+    let mut b = pipeline.start(1).await;
+    wait_for_partitions(&a, |n| n > 0 && n < 4).await;
+    wait_for_partitions(&b, |n| n > 0 && n < 4).await;
+    produce(&producer, &pipeline.topic, &events[..3000]).await;
+    pipeline.wait_caught_up(Duration::from_secs(60)).await;
+
+    produce(&producer, &pipeline.topic, &events[3000..6000]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.signal("STOP");
+    let ends = watermarks(&pipeline.brokers, &pipeline.topic).await;
+    let flushed = pipeline.checkpoints().await;
+    assert!(
+        ends.iter()
+            .any(|(p, (_, high))| *high > 0 && flushed.get(p).is_none_or(|c| c + 1 < *high)),
+        "records held unflushed when the member froze: ends {ends:?}, checkpoints {flushed:?}"
+    );
+    // Well past the session timeout (10 s).
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    a.signal("CONT");
+    // Time for the woken member to act on what it held before it learns it was evicted.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    produce(&producer, &pipeline.topic, &events[6000..]).await;
+    pipeline.wait_caught_up(Duration::from_secs(120)).await;
+    // Anything a member still held would be flushed within its 4 s interval.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    for (meter, dim) in METERS {
+        let group = dim.map_or("customer".to_owned(), |d| format!("customer,{d}"));
+        let params = format!(
+            "meter={meter}&window=HOUR&group_by={group}&from=2026-03-27T00:00:00Z&to=2026-04-02T00:00:00Z"
+        );
+        let got = from_api(&b.usage(&params).await);
+        let want = expected(&events, meter, |t: i64| t.div_euclid(3600) * 3600);
+        assert_eq!(got, want, "{meter} per hour after a frozen member woke");
+    }
+    let raw = clickhouse_sql(&format!(
+        "SELECT count(), uniqExact(id) FROM {}.events_raw FORMAT TSV",
+        pipeline.database
+    ))
+    .await
+    .expect("raw count");
+    let distinct = events.iter().map(|e| &e.id).collect::<BTreeSet<_>>().len();
+    assert_eq!(
+        raw.trim(),
+        format!("{distinct}\t{distinct}"),
+        "each event stored once"
+    );
+    drop(a);
+    b.stop().await;
     pipeline.drop_database().await;
 }
 

@@ -10,6 +10,25 @@ use common::*;
 use http::StatusCode;
 use serde_json::json;
 
+/// Waits (20 s at most) until the collector at `base` shows a request in flight.
+async fn wait_in_flight(base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, _, metrics) = get(&format!("{base}/metrics")).await;
+        if metrics
+            .lines()
+            .any(|l| l.starts_with("tally_ingest_http_requests_in_flight ") && !l.ends_with(" 0"))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the request never showed as in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_in_flight_requests() {
     let topic = unique_topic("shutdown");
@@ -26,21 +45,7 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let in_flight =
         tokio::spawn(async move { post(&url, "application/json", Some("demo-key"), body).await });
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, _, metrics) = get(&format!("{base}/metrics")).await;
-        if metrics
-            .lines()
-            .any(|l| l.starts_with("tally_ingest_http_requests_in_flight ") && !l.ends_with(" 0"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the request never showed as in flight"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_in_flight(&base).await;
     collector.shutdown().await;
     let r = in_flight.await.expect("request task");
     assert_eq!(
@@ -91,20 +96,7 @@ async fn sigterm_on_the_binary_answers_the_request_in_flight_and_exits_cleanly()
     let url = format!("{base}/v1/events");
     let in_flight =
         tokio::spawn(async move { post(&url, "application/json", Some("demo-key"), body).await });
-    loop {
-        let (_, _, metrics) = get(&format!("{base}/metrics")).await;
-        if metrics
-            .lines()
-            .any(|l| l.starts_with("tally_ingest_http_requests_in_flight ") && !l.ends_with(" 0"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the request never showed as in flight"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_in_flight(&base).await;
     let pid = child.id().expect("running").to_string();
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid])
