@@ -19,7 +19,8 @@ pub struct UsageRecord {
     pub v: u32,
     /// Tenant, from the API key (never from the body).
     pub tenant: String,
-    /// Client-chosen idempotency key, unique per tenant.
+    /// Client-chosen idempotency key: an event is its tenant, customer and id, so a retry
+    /// (same customer, same id) counts once, and so does a repeat inside one request.
     pub id: String,
     pub customer: String,
     #[serde(rename = "type")]
