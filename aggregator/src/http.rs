@@ -47,7 +47,10 @@ impl Api {
             (&Method::GET, "/healthz") => json_reply(StatusCode::OK, &json!({"status": "ok"})),
             (&Method::GET, "/readyz") => {
                 let consuming = self.status.consuming.load(Ordering::Acquire);
-                let clickhouse = self.status.clickhouse_ok.load(Ordering::Acquire);
+                // An idle instance has no flush to fail: ask ClickHouse itself, which the
+                // usage API needs as well.
+                let clickhouse = self.status.clickhouse_ok.load(Ordering::Acquire)
+                    && self.clickhouse_answers().await;
                 let status = if consuming && clickhouse {
                     StatusCode::OK
                 } else {
@@ -62,6 +65,14 @@ impl Api {
             _ => no_route(route),
         };
         counted(HTTP_REQUESTS, route, reply)
+    }
+
+    async fn clickhouse_answers(&self) -> bool {
+        let probe = self.client.query("SELECT 1").execute();
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(2), probe).await,
+            Ok(Ok(()))
+        )
     }
 
     async fn usage<B>(&self, req: &Request<B>) -> Reply {

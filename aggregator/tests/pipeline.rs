@@ -702,6 +702,10 @@ async fn a_clickhouse_outage_mid_stream_loses_nothing_once_it_is_back() {
     pipeline.wait_caught_up(Duration::from_secs(60)).await;
 
     ch.kill().await;
+    // Idle, with no flush to fail: readyz asks ClickHouse itself.
+    let (status, body) = get(&format!("http://{}/readyz", instance.addr)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"clickhouse\":false"), "{body}");
     produce(&producer, &pipeline.topic, &events[4000..8000]).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while get(&format!("http://{}/readyz", instance.addr)).await.0 != 503 {
