@@ -4,7 +4,8 @@
 #
 #   scripts/services.sh up       start what is not running (idempotent; the aggregator
 #                                applies the ClickHouse migrations as it starts), and
-#                                restart what runs a binary rebuilt since it started
+#                                restart what runs a binary rebuilt since it started, or
+#                                started before a migration, the config or a plan changed
 #   scripts/services.sh down     SIGTERM (services flush and drain), SIGKILL after a deadline
 #   scripts/services.sh status   which services answer /healthz and /readyz
 #
@@ -65,15 +66,29 @@ current_binary() {
     [[ "$running" == "$on_disk" ]]
 }
 
+# Whether the process started after the newest migration, configuration and plan file:
+# services apply migrations and read their config and plans only as they start.
+inputs_unchanged() {
+    local pid="$1" running_for newest
+    running_for="$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')" || return 0
+    [[ -n "$running_for" ]] || return 0
+    newest="$(find "$ROOT/schemas/clickhouse" "$ROOT/config" "$TALLY_CONFIG" -type f -printf '%T@\n' 2>/dev/null | sort -n | tail -n 1)"
+    newest="${newest%.*}"
+    [[ -z "$newest" ]] || ((newest <= $(date +%s) - running_for))
+}
+
 up() {
     mkdir -p "$STATE"
     for svc in "${SERVICES[@]}"; do
         if pid="$(pid_of "$svc")" && answers "$svc" /healthz; then
-            if current_binary "$svc" "$pid"; then
+            if ! current_binary "$svc" "$pid"; then
+                echo "$svc: $BIN/${BINARY[$svc]} was rebuilt since pid $pid started; restarting it"
+            elif ! inputs_unchanged "$pid"; then
+                echo "$svc: a migration, the config or a plan changed since pid $pid started; restarting it"
+            else
                 echo "$svc: already running (pid $pid) at http://${ADDR[$svc]}"
                 continue
             fi
-            echo "$svc: $BIN/${BINARY[$svc]} was rebuilt since pid $pid started; restarting it"
             stop_one "$svc" "$pid"
         fi
         if answers "$svc" /healthz; then
