@@ -79,6 +79,9 @@ async fn single_batch_and_ndjson_events_land_in_the_topic_field_by_field() {
             r#"tally_ingest_events_total{outcome="accepted",reason=""}"#,
             23.0,
         ),
+        // One delivery wait per request; the queue depth as the health loop last read it.
+        ("tally_ingest_delivery_duration_seconds_count", 3.0),
+        ("tally_ingest_producer_queue_messages", 0.0),
     ] {
         let value = metrics
             .lines()
