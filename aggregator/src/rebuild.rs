@@ -98,11 +98,7 @@ pub async fn rebuild(
                     now,
                 ));
                 let rows = body.rows();
-                let query_id = format!(
-                    "tally-rebuild-{}-{}",
-                    std::process::id(),
-                    OffsetDateTime::now_utc().unix_timestamp_nanos()
-                );
+                let query_id = crate::store::query_id("rebuild");
                 if let Err(e) = store.insert_body(body, &query_id).await {
                     settle(store, &query_id).await;
                     return Err(e);

@@ -446,7 +446,7 @@ impl Aggregator {
             return;
         }
         let rows = body.rows();
-        let query_id = flush_query_id();
+        let query_id = crate::store::query_id("flush");
         let result = if dlq_ok {
             self.rt
                 .block_on(self.store.insert_body(body, &query_id))
@@ -584,17 +584,6 @@ impl Aggregator {
 
 /// Checkpoints and dedupe state, per partition, as ClickHouse holds them.
 type Reloaded = (HashMap<i32, i64>, HashMap<i32, Dedupe>);
-
-/// A name for one flush's INSERT, unique across processes and restarts.
-fn flush_query_id() -> String {
-    static FLUSHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    format!(
-        "tally-flush-{}-{}-{}",
-        std::process::id(),
-        time::OffsetDateTime::now_utc().unix_timestamp_nanos(),
-        FLUSHES.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// The record count that triggers a flush: the configured bound, lowered if needed so that
 /// the flush's rows (each record's event and rollup rows, plus every partition's

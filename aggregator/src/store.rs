@@ -32,6 +32,21 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// stay one block in a row format too.
 pub const MAX_ROWS_PER_INSERT: usize = 1_000_000;
 
+/// A name for one INSERT (`tally-<kind>-<pid>-<nanos>-<n>`), unique across processes and
+/// restarts: ClickHouse refuses a second query under a name still running, and
+/// [`Store::settled`] looks one up by it.
+pub fn query_id(kind: &str) -> String {
+    static ISSUED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "tally-{kind}-{}-{nanos}-{}",
+        std::process::id(),
+        ISSUED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 #[derive(Clone)]
 pub struct Store {
     client: Client,

@@ -345,6 +345,38 @@ async fn golden_totals_per_aggregation_dimension_and_time_zone() {
     pipeline.drop_database().await;
 }
 
+/// Every meter (one per aggregation) per hour, customer and dimension value equals the
+/// independent computation, and `events_raw` holds each distinct event once.
+async fn every_hour_exact_and_each_event_stored_once(
+    pipeline: &Pipeline,
+    instance: &Instance,
+    events: &[Ev],
+    when: &str,
+) {
+    for (meter, dim) in METERS {
+        let group = dim.map_or("customer".to_owned(), |d| format!("customer,{d}"));
+        let params = format!(
+            "meter={meter}&window=HOUR&group_by={group}&from=2026-03-27T00:00:00Z&to=2026-04-02T00:00:00Z"
+        );
+        let got = from_api(&instance.usage(&params).await);
+        let want = expected(events, meter, |t: i64| t.div_euclid(3600) * 3600);
+        assert!(want.len() > 100, "{meter}: {} hours", want.len());
+        assert_eq!(got, want, "{meter} per hour {when}");
+    }
+    let raw = clickhouse_sql(&format!(
+        "SELECT count(), uniqExact(id) FROM {}.events_raw FORMAT TSV",
+        pipeline.database
+    ))
+    .await
+    .expect("raw count");
+    let distinct = events.iter().map(|e| &e.id).collect::<BTreeSet<_>>().len();
+    assert_eq!(
+        raw.trim(),
+        format!("{distinct}\t{distinct}"),
+        "each event stored raw exactly once {when}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_across_sigkills_at_random_points() {
     let pipeline = Pipeline::new("sigkill");
@@ -371,28 +403,8 @@ async fn exactly_once_across_sigkills_at_random_points() {
     // Every rollup, not only the totals: each meter (every aggregation) per hour, customer
     // and dimension value. Event times spread over 72 hours in every chunk, so most chunks
     // bring late events to hours flushed before a kill.
-    for (meter, dim) in METERS {
-        let group = dim.map_or("customer".to_owned(), |d| format!("customer,{d}"));
-        let params = format!(
-            "meter={meter}&window=HOUR&group_by={group}&from=2026-03-27T00:00:00Z&to=2026-04-02T00:00:00Z"
-        );
-        let got = from_api(&instance.usage(&params).await);
-        let want = expected(&events, meter, |t: i64| t.div_euclid(3600) * 3600);
-        assert!(want.len() > 100, "{meter}: {} hours", want.len());
-        assert_eq!(got, want, "{meter} per hour after 4 SIGKILLs");
-    }
-    let raw = clickhouse_sql(&format!(
-        "SELECT count(), uniqExact(id) FROM {}.events_raw FORMAT TSV",
-        pipeline.database
-    ))
-    .await
-    .expect("raw count");
-    let distinct = events.iter().map(|e| &e.id).collect::<BTreeSet<_>>().len();
-    assert_eq!(
-        raw.trim(),
-        format!("{distinct}\t{distinct}"),
-        "each event stored raw exactly once"
-    );
+    every_hour_exact_and_each_event_stored_once(&pipeline, &instance, &events, "after 4 SIGKILLs")
+        .await;
     // The daily rollups (written by the same inserts) hold what their hours hold.
     let per_day = |table: &str, time: &str| {
         format!(
@@ -611,27 +623,13 @@ async fn a_member_frozen_past_its_session_and_woken_keeps_totals_exact() {
     // Anything a member still held would be flushed within its 4 s interval.
     tokio::time::sleep(Duration::from_secs(5)).await;
 
-    for (meter, dim) in METERS {
-        let group = dim.map_or("customer".to_owned(), |d| format!("customer,{d}"));
-        let params = format!(
-            "meter={meter}&window=HOUR&group_by={group}&from=2026-03-27T00:00:00Z&to=2026-04-02T00:00:00Z"
-        );
-        let got = from_api(&b.usage(&params).await);
-        let want = expected(&events, meter, |t: i64| t.div_euclid(3600) * 3600);
-        assert_eq!(got, want, "{meter} per hour after a frozen member woke");
-    }
-    let raw = clickhouse_sql(&format!(
-        "SELECT count(), uniqExact(id) FROM {}.events_raw FORMAT TSV",
-        pipeline.database
-    ))
-    .await
-    .expect("raw count");
-    let distinct = events.iter().map(|e| &e.id).collect::<BTreeSet<_>>().len();
-    assert_eq!(
-        raw.trim(),
-        format!("{distinct}\t{distinct}"),
-        "each event stored once"
-    );
+    every_hour_exact_and_each_event_stored_once(
+        &pipeline,
+        &b,
+        &events,
+        "after a frozen member woke",
+    )
+    .await;
     drop(a);
     b.stop().await;
     pipeline.drop_database().await;

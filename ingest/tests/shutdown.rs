@@ -10,6 +10,20 @@ use common::*;
 use http::StatusCode;
 use serde_json::json;
 
+/// Posts `n` request events (ids `<prefix>-<i>`) to the collector at `base` in one batch,
+/// and returns once the collector shows the request in flight.
+async fn post_in_flight(base: &str, prefix: &str, n: usize) -> tokio::task::JoinHandle<Reply> {
+    let batch: Vec<_> = (0..n)
+        .map(|i| json!({"id": format!("{prefix}-{i}"), "customer": format!("c-{}", i % 50), "type": "request"}))
+        .collect();
+    let body = json!(batch).to_string();
+    let url = format!("{base}/v1/events");
+    let in_flight =
+        tokio::spawn(async move { post(&url, "application/json", Some("demo-key"), body).await });
+    wait_in_flight(base).await;
+    in_flight
+}
+
 /// Waits (20 s at most) until the collector at `base` shows a request in flight.
 async fn wait_in_flight(base: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -37,15 +51,7 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     c.kafka.linger_ms = 500;
     let collector = start(c).await;
     let base = format!("http://{}", collector.addr());
-    let batch: Vec<_> = (0..2000)
-        .map(|i| json!({"id": format!("g-{i}"), "customer": format!("c-{}", i % 50), "type": "request"}))
-        .collect();
-    let body = json!(batch).to_string();
-    let url = format!("{base}/v1/events");
-    let in_flight =
-        tokio::spawn(async move { post(&url, "application/json", Some("demo-key"), body).await });
-
-    wait_in_flight(&base).await;
+    let in_flight = post_in_flight(&base, "g", 2000).await;
     collector.shutdown().await;
     let r = in_flight.await.expect("request task");
     assert_eq!(
@@ -89,14 +95,7 @@ async fn sigterm_on_the_binary_answers_the_request_in_flight_and_exits_cleanly()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let batch: Vec<_> = (0..1000)
-        .map(|i| json!({"id": format!("t-{i}"), "customer": format!("c-{}", i % 20), "type": "request"}))
-        .collect();
-    let body = json!(batch).to_string();
-    let url = format!("{base}/v1/events");
-    let in_flight =
-        tokio::spawn(async move { post(&url, "application/json", Some("demo-key"), body).await });
-    wait_in_flight(&base).await;
+    let in_flight = post_in_flight(&base, "t", 1000).await;
     let pid = child.id().expect("running").to_string();
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid])

@@ -246,6 +246,6 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// RFC 3339 for messages; the debug form for the rare instant RFC 3339 cannot show.
-fn rfc3339(t: &OffsetDateTime) -> String {
+pub(crate) fn rfc3339(t: &OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_else(|_| format!("{t:?}"))
 }

@@ -423,13 +423,14 @@ pub fn plan(
             *skipped.entry(Skip::Pending).or_default() += 1;
             continue;
         }
-        // A version on another billing interval anchors the subscription at the move, as
-        // a single change does (`subscription::anchor_after`).
-        let billing_anchor = if to.interval() == from.interval() {
-            c.billing_anchor
-        } else {
-            effective_at
-        };
+        // A version on another billing interval anchors the subscription at the move.
+        let billing_anchor = crate::subscription::anchor_after(
+            catalog,
+            (&spec.plan, c.version),
+            (&spec.plan, spec.to_version),
+            c.billing_anchor,
+            effective_at,
+        );
         groups.entry(c.version).or_default().push(Move {
             customer: c.customer,
             effective_at,

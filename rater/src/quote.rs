@@ -30,10 +30,10 @@ use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, Month, OffsetDateTime, Time};
 
-use crate::error::{Error, Result};
+use crate::error::{rfc3339, Error, Result};
 use crate::invoice::{Invoice, Segment};
 use crate::period::{period_containing, Interval, Period};
-use crate::plan::{ChargeKind, PlanVersion};
+use crate::plan::PlanVersion;
 
 /// What `tally-rater price` prices: quantities, and the dates proration needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,10 +157,10 @@ impl PriceRequest {
                     "period_start",
                     format!(
                         "{} is not where a {} period of anchor {} starts (the one containing it starts at {})",
-                        rfc3339(start),
+                        rfc3339(&start),
                         interval.name(),
-                        rfc3339(anchor),
-                        rfc3339(period.start())
+                        rfc3339(&anchor),
+                        rfc3339(&period.start())
                     ),
                 ));
             }
@@ -171,14 +171,7 @@ impl PriceRequest {
 
 /// Prices `request` on `plan`: one segment, the subscription's share of the period.
 pub fn quote(plan: &PlanVersion, request: &PriceRequest, now: OffsetDateTime) -> Result<Invoice> {
-    let read: Vec<&str> = plan
-        .charges()
-        .iter()
-        .filter_map(|c| match &c.kind {
-            ChargeKind::Usage(u) => Some(u.meter.as_str()),
-            ChargeKind::Flat { .. } => None,
-        })
-        .collect();
+    let read: Vec<&str> = plan.meters().collect();
     if let Some(meter) = request.usage.keys().find(|m| !read.contains(&m.as_str())) {
         return Err(invalid(
             format!("usage.{meter}"),
@@ -200,8 +193,8 @@ pub fn quote(plan: &PlanVersion, request: &PriceRequest, now: OffsetDateTime) ->
                 "subscription_end",
                 format!(
                     "{} is not after subscription_start {}",
-                    rfc3339(end),
-                    rfc3339(start)
+                    rfc3339(&end),
+                    rfc3339(&start)
                 ),
             ));
         }
@@ -218,8 +211,8 @@ pub fn quote(plan: &PlanVersion, request: &PriceRequest, now: OffsetDateTime) ->
             "subscription_start",
             format!(
                 "the subscription is not in force in the period [{}, {})",
-                rfc3339(period.start()),
-                rfc3339(period.end())
+                rfc3339(&period.start()),
+                rfc3339(&period.end())
             ),
         ));
     }
@@ -295,10 +288,6 @@ fn calendar_anchor(at: OffsetDateTime, interval: Interval) -> Result<OffsetDateT
             what: "billing period",
         })?;
     Ok(date.with_time(Time::MIDNIGHT).assume_utc())
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
 }
 
 #[cfg(test)]

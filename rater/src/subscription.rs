@@ -545,13 +545,13 @@ impl Timeline {
             },
             ChangeKind::Change | ChangeKind::Migrate => match self.at(new.effective_at) {
                 Some(in_force) => {
-                    let planned = Change {
-                        plan: plan.clone(),
-                        version,
-                        effective_at: new.effective_at,
-                        ..in_force.clone()
-                    };
-                    let anchor = anchor_after(in_force, in_force.billing_anchor, &planned, catalog);
+                    let anchor = anchor_after(
+                        catalog,
+                        (&in_force.plan, in_force.version),
+                        (&plan, version),
+                        in_force.billing_anchor,
+                        new.effective_at,
+                    );
                     match new.billing_anchor {
                         Some(a) if a != anchor => {
                             return Err(anchor_error(&change_id, new.kind, anchor, a))
@@ -647,13 +647,16 @@ fn violations(customer: &str, sequence: &[&Change], catalog: &Catalog) -> Vec<(u
                     ..
                 },
                 ChangeKind::Change | ChangeKind::Migrate,
-            ) if c.billing_anchor != anchor_after(in_force, *anchor, c, catalog) => {
-                Some(anchor_error(
-                    &c.change_id,
-                    c.kind,
-                    anchor_after(in_force, *anchor, c, catalog),
-                    c.billing_anchor,
-                ))
+            ) => {
+                let expected = anchor_after(
+                    catalog,
+                    in_force.plan_version(),
+                    c.plan_version(),
+                    *anchor,
+                    c.effective_at,
+                );
+                (c.billing_anchor != expected)
+                    .then(|| anchor_error(&c.change_id, c.kind, expected, c.billing_anchor))
             }
             (S::Active { .. }, _) | (S::Never | S::Cancelled(_), ChangeKind::Create) => None,
             (S::Never, _) => Some(
@@ -793,20 +796,22 @@ fn derived_id(new: &NewChange, plan: &str, version: u32, anchor: Option<OffsetDa
     format!("auto-{}", &hex::encode(h.finalize())[..32])
 }
 
-/// The anchor a change or migrate must carry, `in_force` (anchored at `anchor`) being the
-/// change in force before it: the same anchor, or the change's own instant when it moves to
-/// another billing interval. Monthly periods cannot hold a yearly plan's segment (nor the
+/// The anchor a change or migrate at `at` from plan version `from` (anchored at `anchor`)
+/// to `to` must carry: the same anchor, or `at` itself when it moves to another billing
+/// interval. Monthly periods cannot hold a yearly plan's segment (nor the
 /// reverse), so the period in force then ends at the change, like a cancel, and the new
 /// interval's periods start there. A plan version missing from the catalog keeps the anchor.
 pub fn anchor_after(
-    in_force: &Change,
-    anchor: OffsetDateTime,
-    change: &Change,
     catalog: &Catalog,
+    from: (&str, u32),
+    to: (&str, u32),
+    anchor: OffsetDateTime,
+    at: OffsetDateTime,
 ) -> OffsetDateTime {
-    let interval = |c: &Change| catalog.version(&c.plan, c.version).map(|v| v.interval());
-    match (interval(in_force), interval(change)) {
-        (Some(before), Some(after)) if before != after => change.effective_at,
+    let interval =
+        |(plan, version): (&str, u32)| catalog.version(plan, version).map(|v| v.interval());
+    match (interval(from), interval(to)) {
+        (Some(before), Some(after)) if before != after => at,
         _ => anchor,
     }
 }

@@ -302,16 +302,7 @@ pub async fn write_to_clickhouse(config: &Config, records: &[Vec<u8>]) {
     let mut body = tally_aggregator::ledger::Body::default();
     batch.take_into(&meters, "usage-events", 0, 1_800_000_000, &mut body);
     tally_aggregator::store::Store::new(&config.clickhouse, Duration::from_secs(30))
-        .insert_body(
-            body,
-            &format!(
-                "tally-test-fill-{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .expect("clock")
-                    .as_nanos()
-            ),
-        )
+        .insert_body(body, &tally_aggregator::store::query_id("test-fill"))
         .await
         .expect("insert");
 }
