@@ -239,6 +239,7 @@ pub async fn apply(config: &ClickHouseConfig, migrations: &[Migration]) -> Resul
             match db.query(statement).execute().await {
                 Ok(()) => {}
                 Err(e) if adds_existing_column(statement, &e.to_string()) => {}
+                Err(e) if drops_missing_column(statement, &e.to_string()) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -281,6 +282,15 @@ fn adds_existing_column(statement: &str, error: &str) -> bool {
         && error.contains("column with this name already exists")
 }
 
+/// Nor `DROP COLUMN IF EXISTS`: an `ALTER TABLE … DROP COLUMN` (one column per statement)
+/// that finds its column gone was applied by a run killed before recording it.
+fn drops_missing_column(statement: &str, error: &str) -> bool {
+    let s = statement.trim_start().to_ascii_uppercase();
+    s.starts_with("ALTER TABLE")
+        && s.matches("DROP COLUMN").count() == 1
+        && (error.contains("Cannot find column") || error.contains("There is no column"))
+}
+
 /// The repository's migrations folder.
 pub fn default_dir() -> PathBuf {
     std::env::var_os("TALLY_SCHEMAS")
@@ -312,6 +322,32 @@ mod tests {
     }
 
     #[test]
+    fn only_a_single_drop_column_that_is_gone_counts_as_done() {
+        // 18.16's words, then today's.
+        let gone = [
+            "Code: 44, e.displayText() = DB::Exception: Wrong column name. Cannot find column \
+             value_unique to drop",
+            "Code: 10. DB::Exception: Wrong column. Cannot find column `value_unique` to drop. \
+             (NOT_FOUND_COLUMN_IN_BLOCK)",
+        ];
+        for error in gone {
+            assert!(drops_missing_column(
+                "ALTER TABLE usage_daily DROP COLUMN value_unique",
+                error
+            ));
+            assert!(!drops_missing_column(
+                "ALTER TABLE t DROP COLUMN a, DROP COLUMN b",
+                error
+            ));
+            assert!(!drops_missing_column("DROP TABLE t", error));
+        }
+        assert!(!drops_missing_column(
+            "ALTER TABLE t DROP COLUMN a",
+            "Table default.t doesn't exist"
+        ));
+    }
+
+    #[test]
     fn names_are_versioned() {
         assert_eq!(parse_name("V1__events_raw"), Some((1, "events_raw".into())));
         assert_eq!(parse_name("V12__a_b2"), Some((12, "a_b2".into())));
@@ -338,8 +374,9 @@ mod tests {
             .filter(|m| m.fills_from_stored_rows())
             .map(|m| m.version)
             .collect();
-        // V11 fills usage_daily from rollups_hourly; every other migration only declares.
-        assert_eq!(filling, [11]);
+        // V11 fills usage_daily from rollups_hourly, V13 the unique states' tables from
+        // both; every other migration only declares.
+        assert_eq!(filling, [11, 13]);
         let m = |sql: &str| Migration {
             version: 1,
             name: "x".into(),

@@ -10,7 +10,8 @@
 //! no hour and no dimension (days, months or one total in UTC, bounds on UTC midnights, no
 //! dimension grouped or filtered) reads `usage_daily` instead, the same states per UTC day
 //! (schema V11): a month is 30 rows per customer there, against up to 720 per dimension
-//! value in `rollups_hourly`.
+//! value in `rollups_hourly`. A UNIQUE_COUNT meter reads the same way from the tables that
+//! hold its states apart (schema V13): `rollups_unique_hourly` and `usage_unique_daily`.
 
 use std::collections::HashMap;
 
@@ -254,7 +255,8 @@ fn offset(v: &str) -> Result<UtcOffset, BadParam> {
     UtcOffset::from_hms(sign * h, 0, 0).map_err(|_| bad("tz", "offset out of range"))
 }
 
-/// SQL expression reading a meter's value from its rollup column.
+/// SQL expression reading a meter's value from its rollup column (UNIQUE_COUNT's is in
+/// `rollups_unique_hourly` and `usage_unique_daily`).
 fn merge_expr(a: Aggregation) -> &'static str {
     match a {
         Aggregation::Count => "toDecimal128(sumMerge(events), 9)",
@@ -309,10 +311,13 @@ impl Sql {
 /// (Decimal(38, 9)), then `window_end`, `start_offset` and `end_offset` (Int64; for a named
 /// zone, see [`UsageRow`]; 0 for a fixed offset, whose bounds `answer` computes).
 pub fn sql(q: &UsageQuery, tenant: &str) -> Sql {
-    let (table, time) = if by_day(q) {
-        ("usage_daily", "day")
-    } else {
-        ("rollups_hourly", "hour")
+    // UNIQUE_COUNT states are kept apart (schema V13), in tables keyed like the others.
+    let unique = q.meter.aggregation == Aggregation::UniqueCount;
+    let (table, time) = match (by_day(q), unique) {
+        (true, false) => ("usage_daily", "day"),
+        (true, true) => ("usage_unique_daily", "day"),
+        (false, false) => ("rollups_hourly", "hour"),
+        (false, true) => ("rollups_unique_hourly", "hour"),
     };
     let (window, bounds) = match &q.tz {
         Tz::Offset(o) => {

@@ -219,20 +219,28 @@ async fn unreachable_clickhouse_is_a_retryable_error() {
 async fn a_migration_killed_before_its_record_finishes_next_time() {
     let c = config("killed");
     let all = migrate::load(&migrate::default_dir()).expect("load");
-    migrate::apply(&c, &all).await.expect("apply");
-    // As if every statement had run and the process died before recording any of it:
-    // CREATE … IF NOT EXISTS and single-column ADD COLUMN statements run again cleanly.
-    let db = migrate::client(&c);
-    db.query("TRUNCATE TABLE schema_migrations")
-        .execute()
-        .await
-        .expect("forget the records");
-    let again = migrate::apply(&c, &all).await.expect("apply again");
-    assert_eq!(again, all.iter().map(|m| m.version).collect::<Vec<_>>());
+    // As if every statement of a migration had run and the process died before recording
+    // it: run again (under a version of its own, so that nothing skips it) before the next
+    // one, its statements (CREATE … IF NOT EXISTS, copies of only what is not there yet,
+    // single-column ADD or DROP COLUMN) finish cleanly.
+    for m in &all {
+        let applied = migrate::apply(&c, std::slice::from_ref(m))
+            .await
+            .unwrap_or_else(|e| panic!("apply V{}: {e}", m.version));
+        assert_eq!(applied, [m.version]);
+        let again = Migration {
+            version: 10_000 + m.version,
+            name: format!("{}_again", m.name),
+            ..m.clone()
+        };
+        migrate::apply(&c, &[again])
+            .await
+            .unwrap_or_else(|e| panic!("V{} again: {e}", m.version));
+    }
     // A statement that fails for another reason still fails.
     let mut broken = all.clone();
     broken.push(Migration {
-        version: all.last().map(|m| m.version + 1).expect("some migration"),
+        version: 20_000,
         name: "broken".into(),
         checksum: "2".repeat(64),
         statements: vec!["ALTER TABLE no_such_table ADD COLUMN x UInt8".into()],
@@ -418,6 +426,184 @@ async fn daily_rollups_hold_what_their_hours_hold() {
             c1.unique
         ),
         ("c1", 8, "4.500000000", "9.000000000", 3)
+    );
+    drop_database(&c).await;
+}
+
+/// V13 moves UNIQUE_COUNT states into tables of their own and V14 drops the shared column:
+/// every meter's hours and days read the same before and after, unique sets included, the
+/// views route new flushes the new way, and both migrations finish after a kill.
+#[tokio::test]
+async fn unique_states_move_to_tables_of_their_own() {
+    let c = config("unique");
+    let all = migrate::load(&migrate::default_dir()).expect("load");
+    let before: Vec<Migration> = all.iter().filter(|m| m.version < 13).cloned().collect();
+    let v13 = all.iter().find(|m| m.version == 13).expect("V13").clone();
+    let v14 = all.iter().find(|m| m.version == 14).expect("V14").clone();
+    migrate::apply(&c, &before).await.expect("apply up to V12");
+    let db = migrate::client(&c);
+    let insert = |rows: &str| {
+        let db = db.clone();
+        let sql = format!(
+            "INSERT INTO ingest_ledger (kind, tenant, customer, meter, hour, dim_values, \
+             d_count, d_sum, d_min, d_max, d_latest, d_latest_at, d_unique) VALUES {rows}"
+        );
+        async move { db.query(&sql).execute().await.expect("ledger insert") }
+    };
+    // As the aggregator writes them: a SUM meter's deltas (no identifier) and a
+    // UNIQUE_COUNT meter's, one row per identifier; two inserts, so two parts per table.
+    insert(
+        "(2, 'demo', 'c1', 'tokens', '2026-10-01 05:00:00', ['gpt'], 3, 1.5, 0.5, 1.0, 1.0, 100, ''), \
+         (2, 'demo', 'c1', 'users', '2026-10-01 05:00:00', [], 2, 0, 0, 0, 0, 0, 'u1'), \
+         (2, 'demo', 'c1', 'users', '2026-10-01 05:00:00', [], 1, 0, 0, 0, 0, 0, 'u2'), \
+         (2, 'demo', 'c1', 'users', '2026-10-01 23:00:00', [], 1, 0, 0, 0, 0, 0, 'u3')",
+    )
+    .await;
+    insert(
+        "(2, 'demo', 'c1', 'tokens', '2026-10-01 05:00:00', ['gpt'], 1, 2, 2, 2, 2, 200, ''), \
+         (2, 'demo', 'c1', 'users', '2026-10-01 05:00:00', [], 1, 0, 0, 0, 0, 0, 'u2'), \
+         (2, 'demo', 'c2', 'users', '2026-10-02 01:00:00', [], 4, 0, 0, 0, 0, 0, 'u1')",
+    )
+    .await;
+    let old = |table: &str, time: &str| {
+        format!(
+            "SELECT customer, meter, toUInt32({time}) AS t, sumMerge(events), \
+             toString(sumMerge(value_sum)), uniqExactMerge(value_unique) \
+             FROM {table} GROUP BY customer, meter, t ORDER BY customer, meter, t"
+        )
+    };
+    // After V13 the unique count of a meter's hour (day) is in the table of its own; a
+    // meter with no row there counts 0 (every meter but a UNIQUE_COUNT one).
+    let new = |table: &str, unique: &str, time: &str| {
+        format!(
+            "SELECT customer, meter, t, e, s, u FROM \
+             (SELECT customer, meter, toUInt32({time}) AS t, sumMerge(events) AS e, \
+                     toString(sumMerge(value_sum)) AS s \
+              FROM {table} GROUP BY customer, meter, t) \
+             ANY LEFT JOIN \
+             (SELECT customer, meter, toUInt32({time}) AS t, uniqExactMerge(value_unique) AS u \
+              FROM {unique} GROUP BY customer, meter, t) USING (customer, meter, t) \
+             ORDER BY customer, meter, t"
+        )
+    };
+    type Row = (String, String, u32, u64, String, u64);
+    let read = |sql: String| {
+        let db = db.clone();
+        async move { db.query(&sql).fetch_all::<Row>().await.expect("read") }
+    };
+    let hours_before = read(old("rollups_hourly", "hour")).await;
+    let days_before = read(old("usage_daily", "day")).await;
+    let row = |c: &str, m: &str, t: &str, e: u64, s: &str, u: u64| -> Row {
+        let t = time::PrimitiveDateTime::parse(
+            t,
+            time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]"),
+        )
+        .expect("time")
+        .assume_utc()
+        .unix_timestamp() as u32;
+        (c.into(), m.into(), t, e, s.into(), u)
+    };
+    // Before: the SUM meter's rows hold a set with the empty string in it (count 1).
+    assert_eq!(
+        hours_before,
+        vec![
+            row("c1", "tokens", "2026-10-01 05:00:00", 4, "3.500000000", 1),
+            row("c1", "users", "2026-10-01 05:00:00", 4, "0.000000000", 2),
+            row("c1", "users", "2026-10-01 23:00:00", 1, "0.000000000", 1),
+            row("c2", "users", "2026-10-02 01:00:00", 4, "0.000000000", 1),
+        ]
+    );
+    // V13 run twice, as after a kill before its record (the second run under another
+    // version number, so that its statements all run again).
+    migrate::apply(&c, std::slice::from_ref(&v13))
+        .await
+        .expect("apply V13");
+    let rerun = Migration {
+        version: 113,
+        name: "v13_again".into(),
+        ..v13.clone()
+    };
+    migrate::apply(&c, &[rerun]).await.expect("apply V13 again");
+    // V14 killed after its first statement.
+    db.query(&v14.statements[0])
+        .execute()
+        .await
+        .expect("first drop");
+    migrate::apply(&c, &all)
+        .await
+        .expect("apply V14 after a kill");
+    for table in ["rollups_hourly", "usage_daily"] {
+        let n: u64 = db
+            .query(&format!(
+                "SELECT count() FROM system.columns WHERE database = '{}' AND table = '{table}' \
+                 AND name = 'value_unique'",
+                c.database
+            ))
+            .fetch_one()
+            .await
+            .expect("columns");
+        assert_eq!(n, 0, "{table} keeps no unique state");
+    }
+    let unique_rows = |table: &str| {
+        let db = db.clone();
+        let sql = format!("SELECT meter, count() FROM {table} GROUP BY meter ORDER BY meter");
+        async move {
+            db.query(&sql)
+                .fetch_all::<(String, u64)>()
+                .await
+                .expect("rows")
+        }
+    };
+    // Only the UNIQUE_COUNT meter's keys moved, each once (a second copy would be a
+    // second row: nothing has merged the tables' parts).
+    assert_eq!(
+        unique_rows("rollups_unique_hourly").await,
+        vec![("users".to_string(), 3)]
+    );
+    assert_eq!(
+        unique_rows("usage_unique_daily").await,
+        vec![("users".to_string(), 2)]
+    );
+    let expect_moved = |rows: Vec<Row>| -> Vec<Row> {
+        rows.into_iter()
+            .map(|(c, m, t, e, s, u)| {
+                let u = if m == "users" { u } else { 0 };
+                (c, m, t, e, s, u)
+            })
+            .collect()
+    };
+    assert_eq!(
+        read(new("rollups_hourly", "rollups_unique_hourly", "hour")).await,
+        expect_moved(hours_before.clone())
+    );
+    assert_eq!(
+        read(new("usage_daily", "usage_unique_daily", "day")).await,
+        expect_moved(days_before)
+    );
+    // A flush after the migrations: the views send identifiers to the new tables only,
+    // and the counts to the rollups as before.
+    insert(
+        "(2, 'demo', 'c1', 'tokens', '2026-10-01 05:00:00', ['gpt'], 1, 1, 1, 1, 1, 300, ''), \
+         (2, 'demo', 'c1', 'users', '2026-10-01 05:00:00', [], 1, 0, 0, 0, 0, 0, 'u4'), \
+         (2, 'demo', 'c1', 'users', '2026-10-01 05:00:00', [], 1, 0, 0, 0, 0, 0, 'u1')",
+    )
+    .await;
+    assert_eq!(
+        read(new("rollups_hourly", "rollups_unique_hourly", "hour")).await,
+        vec![
+            row("c1", "tokens", "2026-10-01 05:00:00", 5, "4.500000000", 0),
+            row("c1", "users", "2026-10-01 05:00:00", 6, "0.000000000", 3),
+            row("c1", "users", "2026-10-01 23:00:00", 1, "0.000000000", 1),
+            row("c2", "users", "2026-10-02 01:00:00", 4, "0.000000000", 1),
+        ]
+    );
+    assert_eq!(
+        read(new("usage_daily", "usage_unique_daily", "day")).await,
+        vec![
+            row("c1", "tokens", "2026-10-01 00:00:00", 5, "4.500000000", 0),
+            row("c1", "users", "2026-10-01 00:00:00", 7, "0.000000000", 4),
+            row("c2", "users", "2026-10-02 00:00:00", 4, "0.000000000", 1),
+        ]
     );
     drop_database(&c).await;
 }

@@ -405,24 +405,32 @@ async fn exactly_once_across_sigkills_at_random_points() {
     // bring late events to hours flushed before a kill.
     every_hour_exact_and_each_event_stored_once(&pipeline, &instance, &events, "after 4 SIGKILLs")
         .await;
-    // The daily rollups (written by the same inserts) hold what their hours hold.
-    let per_day = |table: &str, time: &str| {
+    // The daily rollups (written by the same inserts) hold what their hours hold, and so do
+    // the daily unique states (kept apart, schema V13).
+    let per_day = |table: &str, time: &str, values: &str| {
         format!(
-            "SELECT tenant, customer, meter, toStartOfDay({time}) AS d, sumMerge(events), \
-             toString(sumMerge(value_sum)), toString(argMaxMerge(value_latest)), \
-             uniqExactMerge(value_unique) FROM {}.{table} \
+            "SELECT tenant, customer, meter, toStartOfDay({time}) AS d, {values} \
+             FROM {}.{table} \
              GROUP BY tenant, customer, meter, d ORDER BY tenant, customer, meter, d FORMAT TSV",
             pipeline.database
         )
     };
-    let hourly = clickhouse_sql(&per_day("rollups_hourly", "hour"))
-        .await
-        .expect("hourly");
-    let daily = clickhouse_sql(&per_day("usage_daily", "day"))
-        .await
-        .expect("daily");
-    assert!(hourly.lines().count() > 10, "{hourly}");
-    assert_eq!(daily, hourly, "usage_daily after 4 SIGKILLs");
+    let shared = "sumMerge(events), toString(sumMerge(value_sum)), \
+                  toString(argMaxMerge(value_latest))";
+    let unique = "uniqExactMerge(value_unique)";
+    for (hours, days, values, least) in [
+        ("rollups_hourly", "usage_daily", shared, 10),
+        ("rollups_unique_hourly", "usage_unique_daily", unique, 2),
+    ] {
+        let hourly = clickhouse_sql(&per_day(hours, "hour", values))
+            .await
+            .expect("hourly");
+        let daily = clickhouse_sql(&per_day(days, "day", values))
+            .await
+            .expect("daily");
+        assert!(hourly.lines().count() >= least, "{hourly}");
+        assert_eq!(daily, hourly, "{days} after 4 SIGKILLs");
+    }
     instance.stop().await;
     pipeline.drop_database().await;
 }

@@ -119,6 +119,42 @@ fn sql_groups_windows_dimensions_and_filters() {
 }
 
 #[test]
+fn unique_counts_read_the_tables_that_keep_their_states() {
+    let from = |pairs: &[(&str, &str)]| {
+        let s = sql(&q(pairs).expect("valid"), "t").text;
+        let tables = [
+            "rollups_hourly",
+            "usage_daily",
+            "rollups_unique_hourly",
+            "usage_unique_daily",
+        ];
+        let found: Vec<&str> = tables
+            .into_iter()
+            .filter(|t| s.contains(&format!("FROM {t} ")))
+            .collect();
+        assert_eq!(found.len(), 1, "{s}");
+        found[0]
+    };
+    let with = |meter: &'static str, window: &'static str, tz: &'static str| {
+        from(&[
+            ("meter", meter),
+            ("from", "2026-11-01T00:00:00Z"),
+            ("to", "2026-12-01T00:00:00Z"),
+            ("window", window),
+            ("tz", tz),
+        ])
+    };
+    assert_eq!(with("active_users", "DAY", "UTC"), "usage_unique_daily");
+    assert_eq!(with("active_users", "HOUR", "UTC"), "rollups_unique_hourly");
+    assert_eq!(
+        with("active_users", "DAY", "+02:00"),
+        "rollups_unique_hourly"
+    );
+    assert_eq!(with("tokens", "DAY", "UTC"), "usage_daily");
+    assert_eq!(with("tokens", "HOUR", "UTC"), "rollups_hourly");
+}
+
+#[test]
 fn days_months_and_totals_in_utc_without_dimensions_read_the_daily_rollups() {
     let table = |pairs: &[(&str, &str)]| {
         let s = sql(&q(pairs).expect("valid"), "t").text;

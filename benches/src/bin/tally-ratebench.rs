@@ -4,7 +4,8 @@
 //! (`benches/plans/bench/v1.toml`: a flat fee and five usage charges, all with graduated
 //! tiers, and an invoice minimum; see `tally_bench::rate`) and one hour of rollups per
 //! customer and meter (`--hours H`: H hours, as an active customer's month fills them),
-//! with the days they make in `usage_daily`, then invoices every customer's October twice,
+//! with the days they make in `usage_daily` (a UNIQUE_COUNT meter's states in the tables
+//! that keep them apart, schema V13), then invoices every customer's October twice,
 //! in one run:
 //! - baseline: the pure pricing loop (`tally_rater::run::price`) over usage already in
 //!   memory, the same figures the database holds;
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use tally_bench::rate::{FILL, PLAN, SHAPE};
 use tally_core::config::ClickHouseConfig;
-use tally_core::Config;
+use tally_core::{Aggregation, Config};
 use tally_rater::run::{billables, price, Billable, InvoiceRun};
 use tally_rater::store::SubscriptionStore;
 use tally_rater::usage::{UsageReader, UsageTable};
@@ -105,15 +106,10 @@ fn options() -> anyhow::Result<Option<Options>> {
     Ok(Some(o))
 }
 
-/// Fills `n` subscriptions, `hours` hourly rollup rows per customer and meter, and the days
-/// they make (`backfill`: V11's statement filling `usage_daily` from `rollups_hourly`).
-async fn fill(
-    db: &ClickHouseConfig,
-    config: &Config,
-    n: u64,
-    hours: u64,
-    backfill: &str,
-) -> anyhow::Result<()> {
+/// Fills `n` subscriptions, `hours` hourly rollup rows per customer and meter (and, for a
+/// UNIQUE_COUNT meter, its unique states apart, as schema V13 keeps them), and the days
+/// they make, grouped from the hours as the aggregator's daily views group them.
+async fn fill(db: &ClickHouseConfig, config: &Config, n: u64, hours: u64) -> anyhow::Result<()> {
     let client = tally_aggregator::migrate::client(db);
     client
         .query(&format!(
@@ -133,32 +129,69 @@ async fn fill(
     // set each hour), so the totals are `usage_of`'s whatever `hours` is. In the SQL,
     // `number` is the customer's n and `k` the hour.
     let last = hours - 1;
+    let rows = n * hours;
+    let each_hour = format!(
+        "FROM (SELECT intDiv(i, {hours}) AS number, i % {hours} AS k \
+               FROM (SELECT number AS i FROM numbers({rows})))"
+    );
     for (meter, events, sum, latest, distinct) in FILL {
-        let key = catalog.meter(meter).context("bench meter")?.storage_key();
+        let m = catalog.meter(meter).context("bench meter")?;
+        let key = m.storage_key();
         client
             .query(&format!(
-                "INSERT INTO rollups_hourly SELECT '{TENANT}', concat('c', toString(number)), '{key}', \
+                "INSERT INTO rollups_hourly (tenant, customer, meter, hour, dim_values, events, \
+                   value_sum, value_min, value_max, value_latest) \
+                 SELECT '{TENANT}', concat('c', toString(number)), '{key}', \
                  toDateTime('2026-10-01 00:00:00', 'UTC') + 3600 * k, emptyArrayString(), \
                  arrayReduce('sumState', [if(k = {last}, toUInt64({events}), toUInt64(0))]), \
                  arrayReduce('sumState', \
                    [if(k = {last}, toDecimal128({sum}, 9), toDecimal128(0, 9))]), \
                  arrayReduce('minState', [toDecimal128(0, 9)]), \
                  arrayReduce('maxState', [toDecimal128(0, 9)]), \
-                 arrayReduce('argMaxState', [toDecimal128({latest}, 9)], [toUInt64(k + 1)]), \
-                 arrayReduce('uniqExactState', {distinct}) \
-                 FROM (SELECT intDiv(i, {hours}) AS number, i % {hours} AS k \
-                       FROM (SELECT number AS i FROM numbers({rows})))",
-                rows = n * hours,
+                 arrayReduce('argMaxState', [toDecimal128({latest}, 9)], [toUInt64(k + 1)]) \
+                 {each_hour}"
             ))
             .execute()
             .await?;
+        if m.aggregation == Aggregation::UniqueCount {
+            client
+                .query(&format!(
+                    "INSERT INTO rollups_unique_hourly SELECT '{TENANT}', \
+                     concat('c', toString(number)), '{key}', \
+                     toDateTime('2026-10-01 00:00:00', 'UTC') + 3600 * k, emptyArrayString(), \
+                     arrayReduce('uniqExactState', {distinct}) {each_hour}"
+                ))
+                .execute()
+                .await?;
+        }
     }
-    client.query(backfill).execute().await?;
+    client
+        .query(
+            "INSERT INTO usage_daily SELECT tenant, customer, meter, toStartOfDay(hour) AS day, \
+             sumMergeState(events), sumMergeState(value_sum), minMergeState(value_min), \
+             maxMergeState(value_max), argMaxMergeState(value_latest) \
+             FROM rollups_hourly GROUP BY tenant, customer, meter, day",
+        )
+        .execute()
+        .await?;
+    client
+        .query(
+            "INSERT INTO usage_unique_daily SELECT tenant, customer, meter, \
+             toStartOfDay(hour) AS day, uniqExactMergeState(value_unique) \
+             FROM rollups_unique_hourly GROUP BY tenant, customer, meter, day",
+        )
+        .execute()
+        .await?;
     // Each table merged into one part, as background merges leave a month that has settled:
-    // the fill's inserts leave the two tables with different numbers of parts (3 and 8 for
-    // a million customers), and a read costs more the more parts it opens (a third more CPU
+    // the fill's inserts leave the tables with different numbers of parts (3 and 8 for a
+    // million customers), and a read costs more the more parts it opens (a third more CPU
     // for the same rows with 8 parts against 3; the same once both are merged).
-    for table in ["rollups_hourly", "usage_daily"] {
+    for table in [
+        "rollups_hourly",
+        "usage_daily",
+        "rollups_unique_hourly",
+        "usage_unique_daily",
+    ] {
         client
             .query(&format!("OPTIMIZE TABLE {table} FINAL"))
             .execute()
@@ -226,14 +259,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let migrations = tally_aggregator::migrate::load(&root.join("schemas/clickhouse"))?;
     tally_aggregator::migrate::apply(&db, &migrations).await?;
-    // The days are filled as migration V11 fills them from the hours already stored.
-    let backfill = migrations
-        .iter()
-        .flat_map(|m| &m.statements)
-        .find(|s| s.starts_with("INSERT INTO usage_daily"))
-        .context("no migration fills usage_daily")?;
     let started = Instant::now();
-    fill(&db, &config, o.customers, o.hours, backfill).await?;
+    fill(&db, &config, o.customers, o.hours).await?;
     println!(
         "filled {} subscriptions and {} hourly rollup rows ({} per customer and meter) in {:.1} s",
         o.customers,
