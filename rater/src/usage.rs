@@ -13,8 +13,9 @@
 //! bounds once, and each group is one branch reading `customer IN` its part of that table.
 //! Each meter's state is merged only for the rows of its own meter (`-MergeIf`): merging
 //! every state of every row cost as much again. UNIQUE_COUNT meters are read from the
-//! tables that keep their states apart (schema V13): decoding a `uniqExact` state on every
-//! row of the other meters was 40 % of a read's server time. A customer whose segment bounds all fall
+//! tables that keep their states apart (schema V13): every row of the other meters used to
+//! carry a `uniqExact` state the server decoded for nothing (8–14 % of a read's server
+//! time, BENCHMARKS.md). A customer whose segment bounds all fall
 //! on whole hours (and not all on UTC midnights) is read from `rollups_hourly`; a customer
 //! with any bound inside an hour (a change "at once", say) is read entirely from
 //! `events_raw`, which holds the very events the rollups count (all are written by one
