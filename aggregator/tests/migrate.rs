@@ -26,6 +26,17 @@ async fn drop_database(c: &ClickHouseConfig) {
         .expect("drop test database");
 }
 
+/// Inserts rollup deltas into the ledger as the aggregator's flushes do: `rows` are
+/// `(kind, tenant, customer, meter, hour, dim_values, d_count, d_sum, d_min, d_max,
+/// d_latest, d_latest_at, d_unique)` tuples.
+async fn insert_rollup_deltas(db: &clickhouse::Client, rows: &str) {
+    let sql = format!(
+        "INSERT INTO ingest_ledger (kind, tenant, customer, meter, hour, dim_values, \
+         d_count, d_sum, d_min, d_max, d_latest, d_latest_at, d_unique) VALUES {rows}"
+    );
+    db.query(&sql).execute().await.expect("ledger insert")
+}
+
 #[tokio::test]
 async fn applies_every_migration_once_and_records_it() {
     let c = config("apply");
@@ -344,14 +355,7 @@ async fn daily_rollups_hold_what_their_hours_hold() {
     assert_eq!(before.len() + 1, all.len(), "V11 is there");
     migrate::apply(&c, &before).await.expect("apply up to V10");
     let db = migrate::client(&c);
-    let insert = |rows: &str| {
-        let db = db.clone();
-        let sql = format!(
-            "INSERT INTO ingest_ledger (kind, tenant, customer, meter, hour, dim_values, \
-             d_count, d_sum, d_min, d_max, d_latest, d_latest_at, d_unique) VALUES {rows}"
-        );
-        async move { db.query(&sql).execute().await.expect("ledger insert") }
-    };
+    let insert = |rows: &'static str| insert_rollup_deltas(&db, rows);
     // Before V11: two days of one customer's meter, two dimension values, and a second
     // customer; hours on both sides of midnight.
     insert(
@@ -442,14 +446,7 @@ async fn unique_states_move_to_tables_of_their_own() {
     let v14 = all.iter().find(|m| m.version == 14).expect("V14").clone();
     migrate::apply(&c, &before).await.expect("apply up to V12");
     let db = migrate::client(&c);
-    let insert = |rows: &str| {
-        let db = db.clone();
-        let sql = format!(
-            "INSERT INTO ingest_ledger (kind, tenant, customer, meter, hour, dim_values, \
-             d_count, d_sum, d_min, d_max, d_latest, d_latest_at, d_unique) VALUES {rows}"
-        );
-        async move { db.query(&sql).execute().await.expect("ledger insert") }
-    };
+    let insert = |rows: &'static str| insert_rollup_deltas(&db, rows);
     // As the aggregator writes them: a SUM meter's deltas (no identifier) and a
     // UNIQUE_COUNT meter's, one row per identifier; two inserts, so two parts per table.
     insert(
