@@ -3,8 +3,9 @@
 //!
 //! Applying is idempotent: applied versions are skipped (their checksum must not have
 //! changed), and every statement is written to be re-runnable (`IF NOT EXISTS`; an
-//! `ALTER TABLE … ADD COLUMN` of one column whose column exists counts as done), so a run
-//! killed between a statement and its record finishes cleanly next time. Two runners at
+//! `ALTER TABLE … ADD COLUMN` of one column whose column exists counts as done, and so does
+//! a `DROP COLUMN` of one column already gone), so a run killed between a statement and its
+//! record finishes cleanly next time. Two runners at
 //! once are not coordinated; start-up runs them from one place.
 //!
 //! A migration that fills a table from rows already stored (an `INSERT … SELECT`, such as
